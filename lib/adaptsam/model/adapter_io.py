@@ -1,0 +1,109 @@
+"""Saving and loading adapter weights on their own (a few MB, not the whole model).
+
+An adapter file is only meaningful on the exact base weights and adapter layout it was trained
+with, so it carries that identity (backbone name, base checkpoint SHA-256, adapter kind and
+config) and loading onto anything else is refused. Files are written to a temporary name and
+renamed into place, so a reader never sees half a file.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import torch
+
+from .adapters import AdapterConfig, adapter_state_dict, is_adapter_name
+from .sam import PromptableSam
+
+FORMAT = "adaptsam-adapter/1"
+
+
+class AdapterMismatch(ValueError):
+    """The adapter file does not belong to this base model or adapter layout."""
+
+
+def adapter_metadata(model: PromptableSam, version: int, **extra: Any) -> Dict[str, Any]:
+    cfg: AdapterConfig = model.adapter_config
+    return {
+        "format": FORMAT,
+        "backbone": model.backbone,
+        "base_sha256": model.checkpoint_sha256,
+        "kind": cfg.kind,
+        "config": cfg.to_dict(),
+        "version": int(version),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **extra,
+    }
+
+
+def save_adapters(path: Path | str, model: PromptableSam, version: int, **extra: Any) -> Dict[str, Any]:
+    """Atomically write the model's adapter tensors and metadata to `path`."""
+    if getattr(model, "adapter_config", None) is None:
+        raise ValueError("model has no adapters attached")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = adapter_metadata(model, version, **extra)
+    payload = {"meta": meta, "state_dict": {k: v.cpu() for k, v in adapter_state_dict(model).items()}}
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return meta
+
+
+def read_adapter_file(path: Path | str) -> Dict[str, Any]:
+    """{'meta': ..., 'state_dict': ...}; only tensors and plain data are unpickled."""
+    payload = torch.load(Path(path), map_location="cpu", weights_only=True)
+    if not isinstance(payload, dict) or payload.get("meta", {}).get("format") != FORMAT:
+        raise AdapterMismatch(f"{path} is not an AdaptSAM adapter file")
+    return payload
+
+
+def read_adapter_meta(path: Path | str) -> Dict[str, Any]:
+    return read_adapter_file(path)["meta"]
+
+
+def check_compatible(meta: Dict[str, Any], model: PromptableSam, source: str = "adapter") -> None:
+    cfg: Optional[AdapterConfig] = getattr(model, "adapter_config", None)
+    if cfg is None:
+        raise AdapterMismatch("attach adapters to the model before loading adapter weights")
+    if meta["backbone"] != model.backbone:
+        raise AdapterMismatch(f"{source} was trained on backbone {meta['backbone']!r}, not {model.backbone!r}")
+    if meta["base_sha256"] != model.checkpoint_sha256:
+        raise AdapterMismatch(
+            f"{source} was trained on base checkpoint sha256 {meta['base_sha256'][:12]}…, "
+            f"this model's is {model.checkpoint_sha256[:12]}…"
+        )
+    if meta["kind"] != cfg.kind or meta["config"] != cfg.to_dict():
+        raise AdapterMismatch(
+            f"{source} is a {meta['kind']} adapter with config {meta['config']}, "
+            f"the model has a {cfg.kind} adapter with config {cfg.to_dict()}"
+        )
+
+
+def load_adapters(path: Path | str, model: PromptableSam) -> Dict[str, Any]:
+    """Load adapter weights into `model` (adapters attached) after checking identity."""
+    payload = read_adapter_file(path)
+    meta = payload["meta"]
+    check_compatible(meta, model, source=str(path))
+    state = payload["state_dict"]
+    expected = {k for k in model.state_dict() if is_adapter_name(k)}
+    if set(state) != expected:
+        missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
+        raise AdapterMismatch(f"{path}: adapter tensors differ (missing {missing[:3]}, unexpected {extra[:3]})")
+    model.load_state_dict(state, strict=False)
+    return meta
+
+
+def config_from_meta(meta: Dict[str, Any]) -> AdapterConfig:
+    return AdapterConfig(**meta["config"])

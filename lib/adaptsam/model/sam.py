@@ -1,0 +1,62 @@
+"""The promptable segmenter: SAM's container with an encode/decode split.
+
+Serving needs the two halves apart: the image encoder runs once per slice (and is cached),
+the prompt encoder + mask decoder run once per click. `segment_anything.modeling.Sam` keeps the
+parameter names of every official checkpoint; we only add the two halves and remember which
+backbone and checkpoint the weights came from (adapter files are tied to both).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from .sam_modeling import Sam
+
+
+class PromptableSam(Sam):
+    backbone: str = ""
+    checkpoint_sha256: str = ""
+
+    @property
+    def input_size(self) -> int:
+        return self.image_encoder.img_size
+
+    @property
+    def embedding_size(self) -> Tuple[int, int]:
+        return tuple(self.prompt_encoder.image_embedding_size)
+
+    @property
+    def mask_input_size(self) -> Tuple[int, int]:
+        return tuple(self.prompt_encoder.mask_input_size)
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [0, 1], shape (B, 3, S, S) -> the encoder's expected input."""
+        return (images * 255.0 - self.pixel_mean) / self.pixel_std
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) in [0, 1] -> image embeddings (B, 256, h, w)."""
+        return self.image_encoder(self.normalize(images))
+
+    def decode(
+        self,
+        embeddings: torch.Tensor,
+        points: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+        boxes: Optional[torch.Tensor] = None,
+        mask_input: Optional[torch.Tensor] = None,
+        multimask: bool = False,
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Prompts in model-input pixel coordinates -> (low-res logits (B, M, 4h, 4w), IoU (B, M)).
+
+        points: (coords (B, N, 2) as x, y; labels (B, N): 1 positive, 0 negative, -1 padding).
+        boxes: (B, 4) as x0, y0, x1, y1. mask_input: (B, 1, 4h, 4w) logits of an earlier mask.
+        """
+        sparse, dense = self.prompt_encoder(points=points, boxes=boxes, masks=mask_input)
+        return self.mask_decoder(
+            image_embeddings=embeddings,
+            image_pe=self.prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+            multimask_output=multimask,
+        )

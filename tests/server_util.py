@@ -1,0 +1,73 @@
+"""Run a real `monailabel start_server` process on loopback for tests."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Dict, Iterator, Optional
+
+import requests
+
+REPO = Path(__file__).resolve().parents[1]
+APP_DIR = REPO / "apps" / "adaptsam"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def copy_studies(samples_dir: Path, dest: Path, image_ids=None) -> Path:
+    """A private copy of the sample datastore (tests save labels into it)."""
+    src = Path(samples_dir) / "studies"
+    dest.mkdir(parents=True, exist_ok=True)
+    for f in src.glob("*.nii.gz"):
+        if image_ids is None or f.name[: -len(".nii.gz")] in image_ids:
+            shutil.copy2(f, dest / f.name)
+    return dest
+
+
+@contextlib.contextmanager
+def running_server(studies: Path, conf: Optional[Dict[str, str]] = None, log: Optional[Path] = None, timeout: float = 300) -> Iterator[str]:
+    port = free_port()
+    cmd = [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(APP_DIR), "--studies", str(studies),
+           "--host", "127.0.0.1", "--port", str(port)]
+    for k, v in (conf or {}).items():
+        cmd += ["--conf", k, str(v)]
+    env = dict(os.environ)
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    env.setdefault("MONAI_LABEL_AUTO_UPDATE_SCORING", "false")
+    env.setdefault("MONAI_LABEL_TRACKING_ENABLED", "false")
+    out = open(log or (Path(studies).parent / f"server-{port}.log"), "wb")
+    proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + timeout
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited with {proc.returncode}; see {out.name}")
+            try:
+                if requests.get(url + "/info/", timeout=5).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            if time.time() > deadline:
+                raise TimeoutError(f"server did not answer /info within {timeout} s; see {out.name}")
+            time.sleep(1)
+        yield url
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, 15)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+            proc.wait()
+        out.close()
