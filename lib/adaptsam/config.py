@@ -4,9 +4,16 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 from .model.backbones import BACKBONES, default_weights_dir
+
+
+# Target names offered to viewers (TotalSegmentator's names, so the sample labels match).
+DEFAULT_LABELS = (
+    "liver", "spleen", "kidney_right", "kidney_left", "pancreas", "stomach", "gallbladder",
+    "aorta", "inferior_vena_cava", "urinary_bladder", "heart", "lung", "tumor",
+)
 
 
 def _bool(value: str) -> bool:
@@ -28,6 +35,7 @@ class AppConfig:
     adapter_2d: str = ""  # adapter file for `adaptsam`; empty: newest published
     adapter_3d: str = ""  # adapter file for `adaptsam_3d`
     num_slices: int = 5
+    labels: Tuple[str, ...] = DEFAULT_LABELS
 
     @classmethod
     def from_conf(cls, conf: Dict[str, str]) -> "AppConfig":
@@ -49,6 +57,8 @@ class AppConfig:
             kw["adapter_2d"] = c["adapter_2d"]
         if "adapter_3d" in c:
             kw["adapter_3d"] = c["adapter_3d"]
+        if "labels" in c:
+            kw["labels"] = tuple(x.strip() for x in c["labels"].split(",") if x.strip())
         if "num_slices" in c:
             kw["num_slices"] = int(c["num_slices"])
         return cls(**kw)

@@ -83,6 +83,12 @@ def in_plane_axes(axis: int) -> Tuple[int, int]:
     return b, a
 
 
+def plane_shape(shape: Sequence[int], axis: int) -> Tuple[int, int]:
+    """(rows, cols) of the slices normal to `axis` of a volume of `shape`."""
+    r, c = in_plane_axes(axis)
+    return int(shape[r]), int(shape[c])
+
+
 def take_slice(volume: np.ndarray, axis: int, index: int) -> np.ndarray:
     """2D slice (rows, cols) of `volume` normal to `axis` at `index`."""
     return np.take(volume, index, axis=axis).T

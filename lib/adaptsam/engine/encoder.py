@@ -1,0 +1,198 @@
+"""Slice embeddings on demand, and the rest of the volume in the background.
+
+A request asks for the embedding of the slice it needs; a miss is encoded right there (the
+only encoder pass a first click pays). The request then schedules the whole volume, and one
+background thread encodes it nearest slices first, so the user's next slices are usually
+cached before they are clicked. The worker steps aside while requests are running: it checks
+between slices and waits until no request is in flight, so clicks are not slowed by a
+volume being encoded for someone else.
+
+3D adapters encode N adjacent slices together (the Conv3d mixes them). Slices are grouped in
+consecutive windows [gN, gN+N): every slice is encoded exactly once, so a whole volume costs
+one encoder pass per slice, not N. Windows at the volume's end are padded by repeating the
+edge slice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+from .cache import EmbeddingCache, EmbeddingKey
+from .models import ServingModel
+from .predictor import SlicePredictor
+from .preprocess import SliceGeometry, plane_shape, take_slice
+from .volume import Volume
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class VolumeJob:
+    image: str
+    axis: int
+    window: Tuple[float, float]
+    serving: ServingModel
+    volume: Volume
+    order: List[int]  # slice indices, nearest to the prompted slice first
+    done: int = 0
+    started: float = field(default_factory=time.time)
+    finished: Optional[float] = None
+
+    @property
+    def total(self) -> int:
+        return len(self.order)
+
+
+def window_group(index: int, n: int, depth: int) -> Tuple[List[int], int]:
+    """Slices encoded together with `index` (length n, edge-padded) and its position in them."""
+    start = (index // n) * n
+    group = [min(s, depth - 1) for s in range(start, start + n)]
+    return group, index - start
+
+
+class SliceEncoder:
+    def __init__(self, cache: EmbeddingCache):
+        self.cache = cache
+        self._jobs: Dict[Tuple[str, int, str, Tuple[float, float]], VolumeJob] = {}
+        self._lock = threading.Condition()
+        self._in_flight = 0
+        self._thread = threading.Thread(target=self._run, name="adaptsam-encoder", daemon=True)
+        self._thread.start()
+
+    # ---- foreground -----------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def foreground(self):
+        """Mark a request as running: the background worker pauses between slices."""
+        with self._lock:
+            self._in_flight += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._in_flight -= 1
+                self._lock.notify_all()
+
+    @staticmethod
+    def key(image: str, axis: int, index: int, serving: ServingModel, window) -> EmbeddingKey:
+        return EmbeddingKey(image, axis, int(index), serving.key, (float(window[0]), float(window[1])))
+
+    def geometry(self, serving: ServingModel, volume: Volume, axis: int) -> SliceGeometry:
+        rows, cols = plane_shape(volume.shape, axis)
+        return SliceGeometry.fit(rows, cols, serving.model.input_size, volume.plane_spacing(axis))
+
+    def embedding(self, serving: ServingModel, volume: Volume, image: str, axis: int, index: int, window) -> Tuple[torch.Tensor, bool]:
+        """(embedding (1, C, h, w), was_cached) for one slice; computes its window on a miss."""
+        key = self.key(image, axis, index, serving, window)
+        hit = self.cache.get(key)
+        if hit is not None:
+            return hit[None], True
+        embeddings = self._encode(serving, volume, image, axis, index, window)
+        return embeddings[index][None], False
+
+    def _encode(self, serving: ServingModel, volume: Volume, image: str, axis: int, index: int, window) -> Dict[int, torch.Tensor]:
+        depth = volume.shape[axis]
+        group, _ = window_group(index, serving.num_slices, depth)
+        norm = volume.normalized(window)
+        geom = self.geometry(serving, volume, axis)
+        predictor = SlicePredictor(serving.model, next(serving.model.parameters()).device)
+        inputs = torch.stack([predictor.model_input(take_slice(norm, axis, s), geom) for s in group])
+        out = predictor.embed(inputs)
+        result = {}
+        for pos, s in enumerate(group):
+            if s not in result:
+                result[s] = out[pos]
+                self.cache.put(self.key(image, axis, s, serving, window), out[pos])
+        return result
+
+    # ---- background -----------------------------------------------------------------------
+
+    def schedule(self, serving: ServingModel, volume: Volume, image: str, axis: int, window, start: int) -> VolumeJob:
+        """Encode every slice of the volume in the background, nearest to `start` first."""
+        depth = volume.shape[axis]
+        order = sorted(range(depth), key=lambda s: (abs(s - start), s))
+        jkey = (image, axis, serving.key, (float(window[0]), float(window[1])))
+        with self._lock:
+            job = self._jobs.get(jkey)
+            if job is None or job.finished is not None and self._missing(job):
+                job = VolumeJob(image, axis, jkey[3], serving, volume, order)
+                self._jobs[jkey] = job
+            else:
+                job.order = order  # re-prioritise around the newest click
+            self._lock.notify_all()
+        return job
+
+    def _missing(self, job: VolumeJob) -> bool:
+        return any(self.key(job.image, job.axis, s, job.serving, job.window) not in self.cache for s in job.order)
+
+    def forget_model(self, model_key: str) -> List[VolumeJob]:
+        """Stop background work for an outdated model version; returns the dropped jobs."""
+        with self._lock:
+            doomed = [k for k, j in self._jobs.items() if j.serving.key == model_key]
+            return [self._jobs.pop(k) for k in doomed]
+
+    def _next_work(self) -> Optional[Tuple[VolumeJob, int]]:
+        for job in list(self._jobs.values()):
+            if job.finished is not None:
+                continue
+            for s in job.order:
+                if self.key(job.image, job.axis, s, job.serving, job.window) not in self.cache:
+                    return job, s
+            job.done = job.total
+            job.finished = time.time()
+        return None
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                while True:
+                    if self._in_flight == 0:
+                        work = self._next_work()
+                        if work is not None:
+                            break
+                    self._lock.wait(timeout=1.0)
+            job, index = work
+            try:
+                self._encode(job.serving, job.volume, job.image, job.axis, index, job.window)
+            except Exception:  # a bad volume must not kill the worker
+                logger.exception("background encoding of %s slice %s failed", job.image, index)
+                with self._lock:
+                    job.finished = time.time()
+                continue
+            with self._lock:
+                job.done = sum(
+                    1 for s in job.order if self.key(job.image, job.axis, s, job.serving, job.window) in self.cache
+                )
+
+    def progress(self) -> List[Dict]:
+        with self._lock:
+            return [
+                {
+                    "image": j.image.split("@")[0],
+                    "axis": j.axis,
+                    "model": j.serving.key,
+                    "window": list(j.window),
+                    "encoded": j.done,
+                    "total": j.total,
+                    "state": "done" if j.finished is not None else "encoding",
+                    "seconds": round((j.finished or time.time()) - j.started, 1),
+                }
+                for j in self._jobs.values()
+            ]
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Block until no background work is left (benchmarks and tests)."""
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            with self._lock:
+                if self._next_work() is None:
+                    return True
+            time.sleep(0.1)
+        return False

@@ -1,0 +1,123 @@
+"""The serving model of one adapter kind, following what is published in model_weights/.
+
+Adapters are published as `adaptsam_<kind>_<backbone>_v<N>.pt` (written by rename, so a file
+is either absent or complete). Each request asks `current()`; a new file (or a changed pinned
+file) loads into a fresh model object which replaces the old one, so requests already running
+keep a consistent model and none waits for a restart. With no adapter file the base model
+serves (version 0): untrained adapters are the identity, so base embeddings are shared by
+both kinds.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+
+from ..model import adapter_io
+from ..model.adapters import AdapterConfig, attach_adapters
+from ..model.backbones import build_model
+from ..model.sam import PromptableSam
+
+logger = logging.getLogger(__name__)
+
+PUBLISHED = re.compile(r"^adaptsam_(?P<kind>2d|3d)_(?P<backbone>[a-z0-9_]+)_v(?P<version>\d+)\.pt$")
+
+
+def published_name(kind: str, backbone: str, version: int) -> str:
+    return f"adaptsam_{kind}_{backbone}_v{version}.pt"
+
+
+def published_versions(weights_dir: Path, kind: str, backbone: str) -> List[Tuple[int, Path]]:
+    """(version, path) of the published adapters of `kind` on `backbone`, oldest first."""
+    found = []
+    for p in Path(weights_dir).glob(f"adaptsam_{kind}_{backbone}_v*.pt"):
+        m = PUBLISHED.match(p.name)
+        if m and m["kind"] == kind and m["backbone"] == backbone:
+            found.append((int(m["version"]), p))
+    return sorted(found)
+
+
+@dataclass
+class ServingModel:
+    model: PromptableSam
+    kind: str
+    version: int  # 0: base model, no adapter file
+    num_slices: int  # slices encoded together (1 unless 3d adapters are trained)
+    source: Optional[str] = None
+    meta: Dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        if self.version == 0:
+            return f"{self.model.backbone}/base"
+        return f"{self.model.backbone}/{self.kind}/v{self.version}"
+
+
+class ModelHandle:
+    CHECK_INTERVAL_S = 1.0
+
+    def __init__(self, kind: str, backbone: str, weights_dir: Path, device: str, pinned: str = "", num_slices: int = 5):
+        self.kind = kind
+        self.backbone = backbone
+        self.weights_dir = Path(weights_dir)
+        self.device = device
+        self.pinned = pinned  # a file name/path or a version number: serve exactly that (rollback)
+        self.num_slices = num_slices
+        self._lock = threading.Lock()
+        self._current: Optional[ServingModel] = None
+        self._source_state: Optional[Tuple] = None
+        self._checked = 0.0
+        self._base: Optional[PromptableSam] = None
+
+    def _wanted(self) -> Optional[Path]:
+        if self.pinned:
+            if self.pinned.isdigit():
+                return self.weights_dir / published_name(self.kind, self.backbone, int(self.pinned))
+            p = Path(self.pinned)
+            return p if p.is_absolute() else self.weights_dir / p
+        versions = published_versions(self.weights_dir, self.kind, self.backbone)
+        return versions[-1][1] if versions else None
+
+    def current(self) -> ServingModel:
+        now = time.monotonic()
+        with self._lock:
+            if self._current is not None and now - self._checked < self.CHECK_INTERVAL_S:
+                return self._current
+            self._checked = now
+            path = self._wanted()
+            state = None
+            if path is not None:
+                if not path.is_file():
+                    raise FileNotFoundError(f"adapter file {path} (conf adapter_{self.kind}) does not exist")
+                st = path.stat()
+                state = (str(path), st.st_mtime_ns, st.st_size)
+            if self._current is None or state != self._source_state:
+                self._current = self._load(path)
+                self._source_state = state
+            return self._current
+
+    def _base_model(self) -> PromptableSam:
+        if self._base is None:
+            self._base = build_model(self.backbone, weights_dir=self.weights_dir).to(self.device)
+        return self._base
+
+    def _load(self, path: Optional[Path]) -> ServingModel:
+        if path is None:
+            logger.info("%s: no published adapter, serving the base %s", self.kind, self.backbone)
+            return ServingModel(self._base_model(), self.kind, 0, 1)
+        meta = adapter_io.read_adapter_meta(path)
+        cfg = adapter_io.config_from_meta(meta)
+        model = build_model(self.backbone, weights_dir=self.weights_dir)
+        attach_adapters(model, cfg)
+        adapter_io.load_adapters(path, model)
+        model.to(self.device).eval()
+        logger.info("%s: serving adapter %s (version %s)", self.kind, path.name, meta["version"])
+        n = cfg.num_slices if cfg.kind == "3d" else 1
+        return ServingModel(model, self.kind, int(meta["version"]), n, str(path), meta)
