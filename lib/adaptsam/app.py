@@ -8,18 +8,28 @@ construction stays cheap: models and the embedding cache are created on first us
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
+import time
+from pathlib import Path
 from typing import Dict, Optional
+
+from monailabel.interfaces.datastore import DefaultLabelTag
+from monailabel.tasks.activelearning.first import First
+from monailabel.tasks.activelearning.random import Random
 
 from .config import AppConfig
 from .engine.interactive import InteractiveSegmenter, Runtime
 from .engine.models import ModelHandle
 from .infers.adaptsam_infer import AdaptSamInfer
+from .strategies.uncertainty import PromptDisagreement
+from .trainers.adaptsam_train import PROMPTS_KEY, AdaptSamTrainTask
 
 logger = logging.getLogger(__name__)
 
 MODELS = {"adaptsam": "2d", "adaptsam_3d": "3d"}
+RECENT_SESSION_S = 1800  # a save this long after the last infer still counts as "right after"
 
 
 class AdaptSamAppBase:
@@ -28,6 +38,7 @@ class AdaptSamAppBase:
         self._runtime: Optional[Runtime] = None
         self._segmenters: Dict[str, InteractiveSegmenter] = {}
         self._runtime_lock = threading.Lock()
+        self._auto_lock = threading.Lock()
         logger.info("AdaptSAM config: %s", self.config)
         super().__init__(
             app_dir=app_dir,
@@ -60,13 +71,82 @@ class AdaptSamAppBase:
             for name, kind in MODELS.items()
         }
 
+    def init_trainers(self):
+        device = self.config.resolved_device()
+        trainers = {}
+        for name, kind in MODELS.items():
+            task = AdaptSamTrainTask(kind, self.config.weights_dir, self.config.backbone, device)
+            task.defaults = dict(self.config.train_defaults)
+            trainers[name] = task
+        return trainers
+
+    def init_strategies(self):
+        return {
+            "random": Random(),
+            "first": First(),
+            "uncertainty": PromptDisagreement(lambda: self.segmenter("2d")),
+        }
+
+    # ---- saved labels: prompts and the auto-trigger -------------------------------------------
+
+    def on_save_label(self, image_id, label_id):
+        result = super().on_save_label(image_id, label_id) or {}
+        datastore = self.datastore()
+        info = datastore.get_label_info(label_id, DefaultLabelTag.FINAL.value) or {}
+        client = info.get("client_id")
+        if client and self._runtime is not None:
+            session = self._runtime.sessions.latest(str(client), image_id)
+            if session is not None and time.time() - session.updated < RECENT_SESSION_S:
+                datastore.update_label_info(label_id, DefaultLabelTag.FINAL.value, {PROMPTS_KEY: [session.prompts]})
+                result["prompts_recorded"] = True
+        is_final = bool(datastore.get_label_by_image_id(image_id, DefaultLabelTag.FINAL.value))
+        trigger = self._maybe_auto_train() if is_final else None
+        if trigger:
+            result["auto_train"] = trigger
+        return result
+
+    def _auto_state_path(self) -> Path:
+        return Path(self.config.weights_dir) / "auto_train_state.json"
+
+    def _maybe_auto_train(self) -> Optional[str]:
+        """Start `auto_train_models` once `auto_train_every` final labels were saved since the
+        last run. While a run is in progress MONAI Label refuses another one; the count is kept
+        and the next save after the run starts it."""
+        every = self.config.auto_train_every
+        if every <= 0:
+            return None
+        with self._auto_lock:
+            path = self._auto_state_path()
+            try:
+                state = json.loads(path.read_text())
+            except (OSError, ValueError):
+                state = {"saves_since_last_run": 0, "runs": 0}
+            state["saves_since_last_run"] += 1
+            outcome = None
+            if state["saves_since_last_run"] >= every:
+                started = [m for m in self.config.auto_train_models if self.async_training(m, params=None, enqueue=False)]
+                if started:
+                    state.update(saves_since_last_run=0, runs=state["runs"] + 1, ts=time.time(), models=started)
+                    outcome = "started " + ",".join(started)
+                    logger.info("auto-train started for %s", started)
+                else:
+                    outcome = "skipped: training already running"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(state))
+            return outcome
+
     # ---- status ------------------------------------------------------------------------------
 
     def adaptsam_status(self) -> Dict:
         rt = self._runtime
+        served = {}
+        for kind, seg in self._segmenters.items():
+            cur = seg.handle._current
+            served[kind] = {"version": cur.version, "model": cur.key, "source": cur.source} if cur else None
         return {
             "backbone": self.config.backbone,
             "device": self.config.resolved_device(),
+            "served": served,
             "encoding": rt.encoder.progress() if rt else [],
             "cache": rt.cache.stats() if rt else {},
             "sessions": len(rt.sessions) if rt else 0,
@@ -86,4 +166,4 @@ class AdaptSamAppBase:
         from . import routes
 
         routes.install(fastapi_app, app_instance, prefix=settings.MONAI_LABEL_API_STR)
-        logger.info("AdaptSAM routes installed (threaded /infer, /adaptsam/progress)")
+        logger.info("AdaptSAM routes installed (threaded /infer, /adaptsam/progress, /adaptsam/serve)")

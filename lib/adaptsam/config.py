@@ -36,6 +36,9 @@ class AppConfig:
     adapter_3d: str = ""  # adapter file for `adaptsam_3d`
     num_slices: int = 5
     labels: Tuple[str, ...] = DEFAULT_LABELS
+    auto_train_every: int = 5  # final labels since the last run that start a new one (0: off)
+    auto_train_models: Tuple[str, ...] = ("adaptsam",)
+    train_defaults: Tuple[Tuple[str, str], ...] = ()  # conf train_<option> <value>
 
     @classmethod
     def from_conf(cls, conf: Dict[str, str]) -> "AppConfig":
@@ -59,6 +62,11 @@ class AppConfig:
             kw["adapter_3d"] = c["adapter_3d"]
         if "labels" in c:
             kw["labels"] = tuple(x.strip() for x in c["labels"].split(",") if x.strip())
+        if "auto_train_every" in c:
+            kw["auto_train_every"] = int(c["auto_train_every"])
+        if "auto_train_models" in c:
+            kw["auto_train_models"] = tuple(x.strip() for x in c["auto_train_models"].split(",") if x.strip())
+        kw["train_defaults"] = tuple(sorted((k[len("train_"):], v) for k, v in c.items() if k.startswith("train_")))
         if "num_slices" in c:
             kw["num_slices"] = int(c["num_slices"])
         return cls(**kw)

@@ -72,7 +72,6 @@ def build_router(app_getter) -> APIRouter:
                 except Exception as e:
                     raise HTTPException(422, f"uploaded .bin label does not match the image: {e}")
             request["mask_prompt"] = label_path
-        request.update(instance.info().get("config", {}).get("infer", {}))
         request.update(p)
         try:
             result = instance.infer(request)
@@ -99,6 +98,24 @@ def build_router(app_getter) -> APIRouter:
             _infer, model, image, session_id, params, file_path, label_path, output, background_tasks
         )
         return send_response(instance.datastore(), result, output, background_tasks)
+
+    @router.post("/adaptsam/serve/{model}")
+    async def serve_version(model: str, version: str = "latest"):
+        """Rollback: pin the adapter version `model` serves ("latest" follows new publications)."""
+        instance = app_getter()
+        from .app import MODELS
+
+        if model not in MODELS:
+            raise HTTPException(404, f"unknown model {model!r}; available: {sorted(MODELS)}")
+        handle = instance.segmenter(MODELS[model]).handle
+        if not (version == "latest" or version.isdigit()):
+            raise HTTPException(422, "version must be a published version number or 'latest'")
+        try:
+            handle.pin(version)
+        except FileNotFoundError as e:
+            raise HTTPException(404, str(e))
+        serving = await run_in_threadpool(handle.current)
+        return {"model": model, "pinned": handle.pinned or "latest", "serving_version": serving.version}
 
     @router.get("/adaptsam/progress")
     async def progress():

@@ -15,6 +15,7 @@ edge slice.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import threading
@@ -63,8 +64,19 @@ class SliceEncoder:
         self._jobs: Dict[Tuple[str, int, str, Tuple[float, float]], VolumeJob] = {}
         self._lock = threading.Condition()
         self._in_flight = 0
+        self._stopping = False
         self._thread = threading.Thread(target=self._run, name="adaptsam-encoder", daemon=True)
         self._thread.start()
+        # A daemon thread killed inside a torch op aborts the interpreter at exit: let the
+        # current slice finish instead.
+        atexit.register(self.stop)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        with self._lock:
+            self._stopping = True
+            self._lock.notify_all()
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+            self._thread.join(timeout)
 
     # ---- foreground -----------------------------------------------------------------------
 
@@ -153,6 +165,8 @@ class SliceEncoder:
         while True:
             with self._lock:
                 while True:
+                    if self._stopping:
+                        return
                     if self._in_flight == 0:
                         work = self._next_work()
                         if work is not None:

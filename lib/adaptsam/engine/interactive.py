@@ -237,6 +237,11 @@ class InteractiveSegmenter:
         session.foreground, session.background = fgs, bgs
         session.logits[(axis, k)] = pred.low_res_logits
         session.result = label
+        session.prompts = {
+            "foreground": [list(c) for c in fg], "background": [list(c) for c in bg],
+            "roi": [list(r) for r in roi] if roi is not None else None, "label": req.label,
+            "mode": req.mode, "axis": axis, "model": serving.key, "ts": time.time(),
+        }
         timings["total"] = time.perf_counter() - t0
         return SegmentResult(
             label=label,

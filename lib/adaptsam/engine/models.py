@@ -76,6 +76,17 @@ class ModelHandle:
         self._checked = 0.0
         self._base: Optional[PromptableSam] = None
 
+    def pin(self, version: str) -> None:
+        """Serve exactly this version from now on (rollback); "" or "latest" follows new ones."""
+        version = "" if str(version).lower() in ("", "latest") else str(version)
+        if version:
+            path = self.weights_dir / published_name(self.kind, self.backbone, int(version)) if version.isdigit() else Path(version)
+            if not path.is_file():
+                raise FileNotFoundError(f"no published {self.kind} adapter version {version} ({path.name})")
+        with self._lock:
+            self.pinned = version
+            self._checked = 0.0
+
     def _wanted(self) -> Optional[Path]:
         if self.pinned:
             if self.pinned.isdigit():

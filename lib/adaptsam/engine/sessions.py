@@ -25,6 +25,7 @@ class Session:
     background: Set[Click] = field(default_factory=set)
     logits: Dict[Tuple[int, int], torch.Tensor] = field(default_factory=dict)  # (axis, slice) -> low-res
     result: Optional[np.ndarray] = None  # last label volume (slice mode edits it in place)
+    prompts: Dict = field(default_factory=dict)  # the request that produced `result`, for saving
     updated: float = field(default_factory=time.time)
 
     def continues_with(self, foreground: Set[Click], background: Set[Click]) -> bool:
@@ -54,6 +55,12 @@ class SessionStore:
         with self._lock:
             session = self._sessions[(client, image, label, model)] = Session()
             return session
+
+    def latest(self, client: str, image: str) -> Optional[Session]:
+        """The client's most recently used session on `image` (any label or model)."""
+        with self._lock:
+            found = [s for (c, i, _, _), s in self._sessions.items() if c == client and i == image and s.prompts]
+            return max(found, key=lambda s: s.updated) if found else None
 
     def _expire(self, now: float) -> None:
         for key in [k for k, s in self._sessions.items() if now - s.updated > self.ttl_s]:

@@ -1,0 +1,118 @@
+"""Segmentation quality on held-out sample volumes: base LiteMedSAM vs the shipped adapters.
+
+    .venv/bin/python benchmarks/quality.py [--images ct_dicom] [--out benchmarks/results/quality.json]
+
+For every object of the reference (silver) label with a large enough largest slice:
+- on that slice: Dice for a box (the object's bounding box), and for 1, 3 and 5 clicks of the
+  standard protocol (first click farthest from the boundary, each next one in the largest
+  error region, previous logits as mask prompt), through the serving code path;
+- volume Dice after propagation from that slice's box (the server's `volume` mode).
+Models: the base model, the newest shipped 2D adapter and the newest shipped 3D adapter in
+model_weights/ (or --weights). The shipped adapters were trained on ct_3mm and mr_3mm only,
+so ct_dicom is a held-out volume.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from adaptsam import samples
+from adaptsam.engine.interactive import InteractiveSegmenter, Runtime, SegmentRequest
+from adaptsam.engine.metrics import bounding_box, dice, largest_slice
+from adaptsam.engine.models import ModelHandle, published_versions
+from adaptsam.engine.predictor import SlicePredictor
+from adaptsam.model.backbones import default_weights_dir
+from adaptsam.trainers.loop import evaluate_prompts
+
+MIN_AREA = 150  # pixels on the object's largest slice (original grid)
+
+
+def models(weights: Path, backbone: str):
+    out = {"base": ModelHandle("2d", backbone, weights, "cpu", pinned="__none__")}
+    out["base"]._wanted = lambda: None  # serve the base model whatever is published
+    for kind in ("2d", "3d"):
+        versions = published_versions(weights, kind, backbone)
+        if versions:
+            out[f"adapter_{kind}_v{versions[-1][0]}"] = ModelHandle(kind, backbone, weights, "cpu", pinned=str(versions[-1][1]))
+    return out
+
+
+def evaluate(image_id: str, samples_dir: Path, handle: ModelHandle, runtime: Runtime, log) -> list:
+    label, _, names = samples.load_reference(samples_dir, image_id)
+    path = str(samples.image_path(samples_dir, image_id))
+    seg = InteractiveSegmenter(runtime, handle)
+    serving = runtime.serving(handle)
+    vol, key = runtime.volumes.get(path, image_id)
+    rows = []
+    for value, name in sorted(names.items()):
+        truth3d = label == value
+        k = largest_slice(truth3d)
+        truth = truth3d[:, :, k].T  # the slice as take_slice shows it (rows = j)
+        if truth.sum() < MIN_AREA:
+            continue
+        window = vol.window(name)
+        emb, _ = runtime.encoder.embedding(serving, vol, key, 2, k, window)
+        geom = runtime.encoder.geometry(serving, vol, 2)
+        scores = evaluate_prompts(SlicePredictor(serving.model), emb, geom, truth, clicks=5)
+        r0, c0, r1, c1 = bounding_box(truth3d[:, :, k])
+        res = seg.segment(SegmentRequest(path, image_id, label=name, roi=[r0, r1, c0, c1, k, k], mode="volume", client_id=f"q-{name}"))
+        scores["volume_box"] = dice(res.label > 0, truth3d)
+        rows.append({"image": image_id, "object": name, "slice": k, **{k2: round(v, 4) for k2, v in scores.items()}})
+        log(f"  {name:28s} " + " ".join(f"{k2}={v:.3f}" for k2, v in scores.items()))
+    return rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--images", default="ct_dicom")
+    ap.add_argument("--weights", default=str(default_weights_dir()))
+    ap.add_argument("--backbone", default="litemedsam")
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "quality.json"))
+    args = ap.parse_args(argv)
+    root = samples.default_samples_dir()
+    samples.fetch(root)
+    results = {"machine": {"python": sys.version.split()[0], "torch": torch.__version__, "cpus": torch.get_num_threads(), "platform": platform.platform()}, "models": {}}
+    t0 = time.time()
+    for name, handle in models(Path(args.weights), args.backbone).items():
+        runtime = Runtime(4 << 30)
+        print(f"{name}:")
+        rows = [r for image in args.images.split(",") for r in evaluate(image, root, handle, runtime, print)]
+        keys = [k for k in rows[0] if k not in ("image", "object", "slice")]
+        summary = {k: round(float(np.mean([r[k] for r in rows if k in r])), 4) for k in keys}
+        results["models"][name] = {"summary": summary, "objects": rows}
+        print(f"  mean over {len(rows)} objects: {summary}")
+    base = results["models"]["base"]["summary"]
+    checks = {}
+    for name, r in results["models"].items():
+        if name == "base":
+            continue
+        s = r["summary"]
+        checks[name] = {
+            "click1>=0.75": s["click1"] >= 0.75,
+            "click3>=0.85": s["click3"] >= 0.85,
+            "box within 0.01 of base": s["box"] >= base["box"] - 0.01,
+        }
+    names = list(results["models"])
+    a2 = [n for n in names if n.startswith("adapter_2d")]
+    a3 = [n for n in names if n.startswith("adapter_3d")]
+    if a2 and a3:
+        checks["3d volume Dice >= 2d"] = results["models"][a3[0]]["summary"]["volume_box"] >= results["models"][a2[0]]["summary"]["volume_box"]
+    results["checks"] = checks
+    results["seconds"] = round(time.time() - t0, 1)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=1))
+    print(json.dumps({n: r["summary"] for n, r in results["models"].items()}, indent=1))
+    print(json.dumps(checks, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,53 @@
+"""Train adapters from the command line on image/label pairs (what produced model_weights/).
+
+    python -m adaptsam.train --kind 2d --samples .data/samples --images ct_3mm,mr_3mm \\
+        --max-epochs 12 --out model_weights
+
+The same trainer runs inside the server for `POST /train/adaptsam` (on the datastore's final
+labels); this entry point takes the sample studies' silver labels instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from . import samples
+from .model.backbones import default_weights_dir
+from .trainers.loop import AdapterTrainer, TrainOptions
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m adaptsam.train", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--kind", choices=["2d", "3d"], default="2d")
+    ap.add_argument("--samples", default=str(samples.default_samples_dir()))
+    ap.add_argument("--images", default="ct_3mm,mr_3mm", help="comma-separated sample ids with reference labels")
+    ap.add_argument("--out", default=str(default_weights_dir()), help="weights dir to publish into")
+    ap.add_argument("--backbone", default="litemedsam")
+    for name, default in (("max-epochs", 12), ("train-batch-size", 4), ("seed", 0), ("steps-per-epoch", 0)):
+        ap.add_argument(f"--{name}", type=int, default=default)
+    ap.add_argument("--learning-rate", type=float, default=1e-3)
+    ap.add_argument("--val-split", type=float, default=0.0)
+    ap.add_argument("--max-minutes", type=float, default=0.0)
+    ap.add_argument("--no-resume", action="store_true", help="start from zero-initialised adapters")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    root = Path(args.samples)
+    samples.fetch(root)
+    datalist = [
+        {"image": str(samples.image_path(root, i)), "label": str(samples.reference_path(root, i))}
+        for i in args.images.split(",")
+    ]
+    opts = TrainOptions(
+        kind=args.kind, max_epochs=args.max_epochs, learning_rate=args.learning_rate, val_split=args.val_split,
+        train_batch_size=args.train_batch_size, seed=args.seed, max_minutes=args.max_minutes,
+        resume=not args.no_resume, steps_per_epoch=args.steps_per_epoch,
+    )
+    result = AdapterTrainer(datalist, opts, Path(args.out), args.backbone, log=print).run()
+    print(f"published: {result.published} (version {result.version})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,143 @@
+"""Learning from corrections through the real server: save final labels, train, see the new
+adapter version served without a restart; a killed run changes nothing; the auto-trigger."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+
+import nibabel as nib
+import numpy as np
+import pytest
+import requests
+from monailabel.client import MONAILabelClient
+
+from adaptsam import samples
+from adaptsam.engine.metrics import bounding_box, largest_slice
+from adaptsam.engine.models import published_versions
+from server_util import copy_studies, running_server
+
+IMAGE = "mr_3mm"
+FAST_TRAIN = {"train_max_epochs": "1", "train_steps_per_epoch": "2", "train_train_batch_size": "2", "train_val_split": "0"}
+
+
+def client(url, name="trainer"):
+    return MONAILabelClient(url, tmpdir=tempfile.mkdtemp(prefix=f"client-{name}-"), client_id=name)
+
+
+def wait_for_training(url, timeout=900):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        r = requests.get(f"{url}/train/", params={"check_if_running": "true"}, timeout=30)
+        if r.status_code != 200:
+            return requests.get(f"{url}/train/", timeout=30).json()
+        time.sleep(2)
+    raise TimeoutError("training did not finish")
+
+
+def infer_json(url, params, name="trainer", image=IMAGE):
+    _, result = client(url, name).infer("adaptsam", image, params)
+    return json.loads(result) if isinstance(result, str) else result
+
+
+def liver_box(samples_dir):
+    label, _, _ = samples.load_reference(samples_dir, IMAGE)
+    truth = label == samples.label_value(samples_dir, IMAGE, "liver")
+    k = largest_slice(truth)
+    r0, c0, r1, c1 = bounding_box(truth[:, :, k])
+    return {"roi": [r0, r1, c0, c1, k, k], "label": "liver", "mode": "slice"}
+
+
+def save_reference_as_final(url, samples_dir, image_id, name="trainer"):
+    return client(url, name).save_label(image_id, str(samples.reference_path(samples_dir, image_id)), params={"label_info": []})
+
+
+@pytest.fixture()
+def weights(tmp_path):
+    d = tmp_path / "weights"
+    d.mkdir()
+    return d
+
+
+def test_train_publishes_and_inference_picks_it_up_without_restart(samples_dir, tmp_path, weights):
+    studies = copy_studies(samples_dir, tmp_path / "studies", image_ids={IMAGE, "ct_3mm"})
+    conf = {"weights_dir": str(weights), "auto_train_every": "0", **FAST_TRAIN}
+    with running_server(studies, conf=conf, log=tmp_path / "server.log") as url:
+        box = liver_box(samples_dir)
+        before = infer_json(url, box)
+        assert before["adapter_version"] == 0
+        save_reference_as_final(url, samples_dir, IMAGE)
+        assert client(url).info()["datastore"]["completed"] == 1
+
+        started = client(url).train_start("adaptsam", {})
+        assert started
+        task = wait_for_training(url)
+        assert task["status"] == "DONE", task
+        assert [v for v, _ in published_versions(weights, "2d", "litemedsam")] == [1]
+
+        after = infer_json(url, box)
+        assert after["adapter_version"] == 1 and after["model"] == "litemedsam/2d/v1"
+        assert after["embedding_cached"] is False  # the base model's embeddings are not served
+        info = client(url).info()
+        assert info["train_stats"]["adaptsam"]["epoch"] == 1
+        assert info["adaptsam"]["served"]["2d"]["version"] == 1
+
+        # rollback to the base model and back, without a restart
+        r = requests.post(f"{url}/adaptsam/serve/adaptsam", params={"version": "0"}, timeout=60)
+        assert r.status_code == 404  # version 0 is "no adapter", not a file
+        r = requests.post(f"{url}/adaptsam/serve/adaptsam", params={"version": "1"}, timeout=60)
+        assert r.status_code == 200 and r.json()["serving_version"] == 1
+
+
+def test_killed_training_run_leaves_the_served_adapter_intact(samples_dir, tmp_path, weights):
+    studies = copy_studies(samples_dir, tmp_path / "studies", image_ids={IMAGE})
+    conf = {"weights_dir": str(weights), "auto_train_every": "0", **FAST_TRAIN}
+    with running_server(studies, conf=conf, log=tmp_path / "server.log") as url:
+        save_reference_as_final(url, samples_dir, IMAGE)
+        client(url).train_start("adaptsam", {})
+        assert wait_for_training(url)["status"] == "DONE"
+        published = published_versions(weights, "2d", "litemedsam")
+        assert [v for v, _ in published] == [1]
+        snapshot = {p.name: p.read_bytes() for p in weights.iterdir() if p.suffix == ".pt"}
+
+        client(url).train_start("adaptsam", {"max_epochs": 50, "steps_per_epoch": 0})
+        deadline = time.time() + 300
+        while time.time() < deadline:  # kill it once it is really training
+            status = requests.get(f"{url}/train/", timeout=30).json()
+            if any("cached stage" in line for line in status.get("details", [])):
+                break
+            time.sleep(1)
+        assert requests.delete(f"{url}/train/", timeout=60).status_code == 200
+        time.sleep(2)
+        assert requests.get(f"{url}/train/", params={"check_if_running": "true"}, timeout=30).status_code != 200
+
+        assert {p.name: p.read_bytes() for p in weights.iterdir() if p.suffix == ".pt"} == snapshot
+        assert not [p for p in weights.iterdir() if p.name.endswith(".tmp")]
+        assert infer_json(url, liver_box(samples_dir))["adapter_version"] == 1
+
+
+def test_auto_trigger_fires_after_n_saves_and_never_twice_at_once(samples_dir, tmp_path, weights):
+    ids = ["mr_3mm", "ct_3mm", "ct_dicom"]
+    studies = copy_studies(samples_dir, tmp_path / "studies", image_ids=set(ids))
+    conf = {"weights_dir": str(weights), "auto_train_every": "2", **FAST_TRAIN}
+    with running_server(studies, conf=conf, log=tmp_path / "server.log") as url:
+        first = save_reference_as_final(url, samples_dir, "mr_3mm")
+        assert "auto_train" not in first
+        assert requests.get(f"{url}/train/", timeout=30).status_code == 404  # nothing ran yet
+        second = save_reference_as_final(url, samples_dir, "ct_3mm")
+        assert second.get("auto_train", "").startswith("started"), second
+        # while that run is going, further saves must not start a second one
+        third = save_reference_as_final(url, samples_dir, "ct_dicom")
+        assert "auto_train" not in third, third
+        fourth = save_reference_as_final(url, samples_dir, "mr_3mm")  # a corrected label, saved again
+        assert fourth.get("auto_train", "").startswith("skipped"), fourth
+        assert wait_for_training(url)["status"] == "DONE"
+        runs = requests.get(f"{url}/train/", params={"all": "true"}, timeout=30).json()
+        assert len(runs) == 1
+        assert [v for v, _ in published_versions(weights, "2d", "litemedsam")] == [1]
+        # the count was kept: the next save after the run starts the next one
+        fifth = save_reference_as_final(url, samples_dir, "ct_3mm")
+        assert fifth.get("auto_train", "").startswith("started"), fifth
+        assert wait_for_training(url)["status"] == "DONE"
+        assert len(requests.get(f"{url}/train/", params={"all": "true"}, timeout=30).json()) == 2
