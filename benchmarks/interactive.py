@@ -497,8 +497,8 @@ def main(argv=None) -> int:
     p.add_argument("--weights-dir", type=Path, default=default_weights_dir(),
                    help="adapters/checkpoints folder, for the server and the in-process model alike")
     p.add_argument("--device", default="auto", help="auto (cuda when present), cpu or cuda")
-    p.add_argument("--result-extension", default=None,
-                   help="ask the server for this label format (default: none, like Slicer: the image's, .nii.gz)")
+    p.add_argument("--result-extension", default=".nrrd",
+                   help="label format asked of the server (default .nrrd, what the Slicer plugin always sends)")
     p.add_argument("--skip-rest", action="store_true", help="in-process measures only (no server)")
     args = p.parse_args(argv)
 

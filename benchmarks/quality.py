@@ -18,6 +18,7 @@ import argparse
 import json
 import platform
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -36,8 +37,8 @@ MIN_AREA = 150  # pixels on the object's largest slice (original grid)
 
 
 def models(weights: Path, backbone: str):
-    out = {"base": ModelHandle("2d", backbone, weights, "cpu", pinned="__none__")}
-    out["base"]._wanted = lambda: None  # serve the base model whatever is published
+    # an empty weights dir: no adapter published, so the handle serves the base model
+    out = {"base": ModelHandle("2d", backbone, Path(tempfile.mkdtemp()), "cpu")}
     for kind in ("2d", "3d"):
         versions = published_versions(weights, kind, backbone)
         if versions:

@@ -27,11 +27,12 @@ def client(url, name="trainer"):
 
 
 def wait_for_training(url, timeout=900):
+    """The latest training task once it has ended (DONE, ERROR or STOPPED)."""
     deadline = time.time() + timeout
     while time.time() < deadline:
-        r = requests.get(f"{url}/train/", params={"check_if_running": "true"}, timeout=30)
-        if r.status_code != 200:
-            return requests.get(f"{url}/train/", timeout=30).json()
+        r = requests.get(f"{url}/train/", timeout=30)
+        if r.status_code == 200 and r.json().get("status") in ("DONE", "ERROR", "STOPPED"):
+            return r.json()
         time.sleep(2)
     raise TimeoutError("training did not finish")
 

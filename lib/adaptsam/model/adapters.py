@@ -8,9 +8,11 @@ Two kinds, chosen per model:
   each LayerNorm -> Linear down -> Conv3d (3,1,1) across the slice axis -> GELU -> Linear up,
   added residually. The encoder then takes ``num_slices`` adjacent slices folded into the batch
   dimension, and the Conv3d is where neighbouring slices exchange information.
-- Optional decoder adapter (MSA "hyper-prompting"): in the first two-way block, after the
-  token-to-image cross attention, a bottleneck on the tokens whose down-projection is modulated
-  per sample by the prompt embedding, so the same adapter reacts differently to boxes and clicks.
+- Optional decoder adapters (MSA) in the first two-way block: after the token-to-image cross
+  attention, a bottleneck on the tokens whose down-projection is modulated per sample by the
+  prompt embedding ("hyper-prompting": the same adapter reacts differently to boxes and
+  clicks), and a plain bottleneck beside the block's MLP. LiteMedSAM's decoder only ever saw
+  boxes; these are what learn to read clicks.
 
 Every up-projection starts at zero, so a freshly attached adapter leaves the network output
 bit-identical to the base model. Wrappers adopt the wrapped block's children under their
@@ -41,7 +43,7 @@ class AdapterConfig:
     mlp_scale: float = 0.5  # MSA's s for the adapter beside the MLP
     num_slices: int = 5  # 3d: adjacent slices folded into the batch
     decoder: bool = True  # MSA decoder adapter in the first two-way block
-    decoder_hidden: int = 32
+    decoder_hidden: int = 128
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -205,6 +207,7 @@ class AdaptedTwoWayBlock(nn.Module):
         self.num_output_tokens = num_output_tokens
         dim = block.norm1.normalized_shape[0]
         self.adapter_prompt = PromptConditionedAdapter(dim, cfg.decoder_hidden)
+        self.adapter_mlp = Bottleneck(dim, cfg.decoder_hidden)
 
     def forward(self, queries, keys, query_pe, key_pe):
         # Same sequence of operations as TwoWayAttentionBlock.forward, plus the adapter.
@@ -222,7 +225,7 @@ class AdaptedTwoWayBlock(nn.Module):
         prompt = query_pe[:, self.num_output_tokens :].mean(dim=1)
         queries = self.norm2(self.adapter_prompt(queries, prompt))
 
-        queries = self.norm3(queries + self.mlp(queries))
+        queries = self.norm3(queries + self.mlp(queries) + self.adapter_mlp(queries))
 
         q = queries + query_pe
         k = keys + key_pe

@@ -124,6 +124,8 @@ class AdapterTrainer:
                 self.log(f"resuming from {versions[-1][1].name}")
             except adapter_io.AdapterMismatch as e:
                 self.log(f"not resuming from {versions[-1][1].name}: {e}")
+        if not self.base_version and self.opt.kind == "3d":
+            self._seed_decoder_from_2d(model)
         self.next_version = (versions[-1][0] if versions else 0) + 1
         model.to(self.device)
         self.split = default_split(model.image_encoder)
@@ -135,6 +137,19 @@ class AdapterTrainer:
         self.log(f"training {sum(p.numel() for p in self.params)} adapter parameters "
                  f"(encoder stage {self.split}+ and decoder) of {sum(p.numel() for p in model.parameters())}")
         return model
+
+    def _seed_decoder_from_2d(self, model) -> None:
+        """A fresh 3d adapter starts with the newest 2d adapter's decoder part: that is where
+        clicks are learnt, and it does not depend on how the embeddings were computed."""
+        versions = published_versions(self.weights_dir, "2d", self.backbone)
+        if not versions:
+            return
+        payload = adapter_io.read_adapter_file(versions[-1][1])
+        own = model.state_dict()
+        taken = {k: v for k, v in payload["state_dict"].items() if k.startswith("mask_decoder.") and k in own and own[k].shape == v.shape}
+        if taken and payload["meta"]["base_sha256"] == model.checkpoint_sha256:
+            model.load_state_dict(taken, strict=False)
+            self.log(f"3d decoder adapter initialised from {versions[-1][1].name} ({len(taken)} tensors)")
 
     def _load_data(self, items) -> List[VolumeSamples]:
         out = []
