@@ -37,7 +37,7 @@ def test_short_run_publishes_adapters_and_keeps_base_bit_identical(samples_dir, 
         versions = published_versions(tmp_path, "2d", "litemedsam")
         assert [v for v, _ in versions] == [1]
         meta = adapter_io.read_adapter_meta(versions[0][1])
-        assert meta["version"] == 1 and meta["training_images"] and "best_val" in meta["metrics"]
+        assert meta["version"] == 1 and meta["training_images"] and "best_val_dice" in meta["metrics"]
         payload = adapter_io.read_adapter_file(versions[0][1])
         assert all(is_adapter_name(k) for k in payload["state_dict"])
         served = attach_adapters(build_model("litemedsam"), AdapterConfig(kind="2d"))

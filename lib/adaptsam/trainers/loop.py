@@ -438,7 +438,9 @@ class AdapterTrainer:
             path, self.model, self.next_version,
             training_images=[Path(d["image"]).name for d in train_items],
             validation_images=[Path(d["image"]).name for d in val_items],
-            metrics={"best_val": round(best, 4), **{f"val_{k}": v for k, v in stats.get("val_dice", {}).items()}},
+            # without validation images the "metric" is minus the training loss: say so
+            metrics=({"best_val_dice": round(best, 4), **{f"val_{k}": v for k, v in stats.get("val_dice", {}).items()}}
+                     if val_items else {"final_train_loss": round(-best, 4), **{f"train_{k}": v for k, v in stats.get("train_dice", {}).items()}}),
             options=asdict(self.opt),
             previous_version=self.base_version,
             train_seconds=round(time.time() - t0, 1),
@@ -446,7 +448,7 @@ class AdapterTrainer:
         stats.update(state="DONE", adapter_version=self.next_version, published=path.name)
         if self.stats_path:
             _write_json(self.stats_path, stats)
-        self.log(f"published {path.name} (best validation Dice {best:.4f})")
+        self.log(f"published {path.name} ({'best validation Dice' if val_items else 'minus final training loss'} {best:.4f})")
         return TrainResult(str(path), self.next_version, best, stats)
 
 
