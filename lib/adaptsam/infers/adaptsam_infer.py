@@ -20,12 +20,16 @@ from .writer import write_label
 MODES = ("volume", "slice")
 
 
-def _image_id(path: str) -> str:
+SUFFIXES = (".nii.gz", ".seg.nrrd", ".nii", ".nrrd", ".mha")
+
+
+def _split_name(path: str) -> Tuple[str, str]:
+    """(image id, extension) of a datastore file: MONAI Label ids are names minus extension."""
     name = Path(path).name
-    for ext in (".nii.gz", ".nii", ".nrrd", ".seg.nrrd", ".mha", ".mhd"):
+    for ext in SUFFIXES:
         if name.endswith(ext):
-            return name[: -len(ext)]
-    return name
+            return name[: -len(ext)], ext
+    return name, ".nii.gz"
 
 
 def _bool(value) -> bool:
@@ -82,7 +86,7 @@ class AdaptSamInfer(InferTask):
             mode = mode[0]
         seg_request = SegmentRequest(
             image_path=request["image"],
-            image_id=_image_id(request["image"]),
+            image_id=_split_name(request["image"])[0],
             label=label or None,
             foreground=_points(request.get("foreground"), "foreground"),
             background=_points(request.get("background"), "background"),
@@ -95,7 +99,7 @@ class AdaptSamInfer(InferTask):
             reset=_bool(request.get("reset_state", False)),
         )
         result = self._segmenter().segment(seg_request)
-        ext = request.get("result_extension") or _extension_of(request["image"])
+        ext = request.get("result_extension") or _split_name(request["image"])[1]
         path = write_label(result.label, result.affine, ext)
         name = label or (self.labels[0] if len(self.labels) == 1 else "segment")
         return path, {
@@ -109,10 +113,3 @@ class AdaptSamInfer(InferTask):
             "timings_ms": result.timings,
         }
 
-
-def _extension_of(path: str) -> str:
-    name = Path(path).name
-    for ext in (".nii.gz", ".nii", ".seg.nrrd", ".nrrd", ".mha"):
-        if name.endswith(ext):
-            return ext
-    return ".nii.gz"
