@@ -223,7 +223,9 @@ class InteractiveSegmenter:
             if box is None and mask is not None and not clicks.get(k):
                 box = bounding_box(take_slice(mask, axis, k))
             kfg, kbg = clicks.get(k, ([], []))
-            single_click = box is None and mask_in is None and len(kfg) + len(kbg) == 1
+            # SAM's three ambiguity masks help the base model on a lone click; trained adapters
+            # learnt (and were measured) on the single output, so they keep it.
+            single_click = serving.version == 0 and box is None and mask_in is None and len(kfg) + len(kbg) == 1
             pred = predictor.predict(emb, geom, box=box, foreground=kfg, background=kbg, mask_input=mask_in, multimask=single_click)
             timings["decode"] = time.perf_counter() - t
             preds = {k: pred}
