@@ -19,6 +19,9 @@ Measures, on the liver of ct_dicom (512x512x20, prompts from the silver referenc
                   model_input + embed + predict per click, no cache
 
 and the three target ratios (warm/decoder <= 1.5, reencode/warm >= 8, first/encoder <= 1.3).
+The two sides of a ratio are timed interleaved (a REST click, then a decoder pass; a first click,
+then an encoder pass): on shared cores the machine's speed drifts by tens of percent over
+minutes, and interleaving makes both sides see the same drift.
 Results: a table on stdout and JSON (default benchmarks/results/interactive.json).
 See benchmarks/README.md for what each number means.
 
@@ -266,8 +269,8 @@ def click_params(case: Case, i: int, mode: str = "slice") -> Dict:
     return {"label": ORGAN, "mode": mode, "roi": case.slice_roi(), "foreground": [case.click_voxel(i)], "background": []}
 
 
-def run_rest(case: Case, samples_dir: Path, studies_root: Path, counts: Dict[str, int], conf: Dict[str, str], log: Path,
-             result_extension: Optional[str]) -> Tuple[Dict, Dict]:
+def run_rest(case: Case, local: Local, samples_dir: Path, studies_root: Path, counts: Dict[str, int], conf: Dict[str, str],
+             log: Path, result_extension: Optional[str]) -> Tuple[Dict, Dict]:
     from server_util import copy_studies, running_server
 
     studies = copy_studies(samples_dir, studies_root, image_ids={IMAGE})
@@ -298,18 +301,23 @@ def run_rest(case: Case, samples_dir: Path, studies_root: Path, counts: Dict[str
             read_label(path)
             wait_encoder_idle(url)
 
-            # -- (1) warm click
-            ms, res_all, dices, not_cached = [], [], [], 0
-            for i in range(counts["warm_click"]):
-                t_ms, path, res = warm.infer(IMAGE, click_params(case, i))
-                ms.append(t_ms)
-                res_all.append(res)
-                not_cached += not res.get("embedding_cached", False)
-                dices.append(dice(take_slice(read_label(path), AXIS, case.k), case.truth_plane))
+            # -- (1) warm click, each followed by (2) the decoder alone with the same prompts
+            ms, res_all, dices, not_cached, dec = [], [], [], 0, []
+            for i in range(max(counts["warm_click"], counts["decoder"])):
+                if i < counts["warm_click"]:
+                    t_ms, path, res = warm.infer(IMAGE, click_params(case, i))
+                    ms.append(t_ms)
+                    res_all.append(res)
+                    not_cached += not res.get("embedding_cached", False)
+                    dices.append(dice(take_slice(read_label(path), AXIS, case.k), case.truth_plane))
+                if i < counts["decoder"]:
+                    dec.append(local.decode(i))
             results["warm_click"] = summary(
                 ms, server_timings_p50_ms=server_timing_p50(res_all), slice_dice_mean=round(float(np.mean(dices)), 4),
                 not_cached=not_cached,
             )
+            results["decoder"] = summary([m for m, _ in dec], slice_dice_mean=round(float(np.mean([d for _, d in dec])), 4),
+                                         interleaved_with="warm_click")
 
             # -- (6) propagation over the liver, warm cache
             ms, res_all, dices, n_slices = [], [], [], []
@@ -327,18 +335,23 @@ def run_rest(case: Case, samples_dir: Path, studies_root: Path, counts: Dict[str
             )
 
             # -- (3) first click on a never-encoded volume: a fresh upload under a new id each time
-            ms, res_all, cached = [], [], 0
-            for i in range(counts["first_click"]):
-                wait_encoder_idle(url)  # the previous copy's background encoding must not compete
-                image_id = f"bench_{i}"
-                first.client.upload_image(str(case.path), image_id=image_id)
-                t_ms, path, res = first.infer(image_id, click_params(case, i))
-                ms.append(t_ms)
-                res_all.append(res)
-                cached += bool(res.get("embedding_cached", True))
-                read_label(path)
-            wait_encoder_idle(url)
+            # each followed, once the server is idle again, by (4) one in-process encoder pass
+            ms, res_all, cached, enc = [], [], 0, []
+            for i in range(max(counts["first_click"], counts["encoder_pass"])):
+                if i < counts["first_click"]:
+                    wait_encoder_idle(url)  # the previous copy's background encoding must not compete
+                    image_id = f"bench_{i}"
+                    first.client.upload_image(str(case.path), image_id=image_id)
+                    t_ms, path, res = first.infer(image_id, click_params(case, i))
+                    ms.append(t_ms)
+                    res_all.append(res)
+                    cached += bool(res.get("embedding_cached", True))
+                    read_label(path)
+                    wait_encoder_idle(url)
+                if i < counts["encoder_pass"]:
+                    enc.append(local.encode())
             results["first_click"] = summary(ms, server_timings_p50_ms=server_timing_p50(res_all), embedding_was_cached=cached)
+            results["encoder_pass"] = summary(enc, interleaved_with="first_click")
         finally:
             for c in (warm, vol_client, first):
                 c.close()
@@ -348,51 +361,66 @@ def run_rest(case: Case, samples_dir: Path, studies_root: Path, counts: Dict[str
 # ---------------------------------------------------------------------------- in-process part
 
 
-def run_in_process(case: Case, counts: Dict[str, int], backbone: str, weights_dir: Path, device: torch.device) -> Tuple[Dict, Dict]:
-    results: Dict[str, Dict] = {}
-    handle = ModelHandle("2d", backbone, weights_dir, str(device))
-    serving = handle.current()
-    info = {"served_model": serving.key, "adapter_version": serving.version}
-    vol = case.volume
-    window = vol.window(ORGAN)
-    image_key = f"{IMAGE}@{vol.content_hash()}"
+class Local:
+    """The in-process side of each ratio: the same model and prompts, no server. It is built
+    before the REST part so the two sides of a ratio can be timed interleaved - one REST click,
+    one decoder pass, and so on - and machine-speed drift (large on shared cores) hits both."""
 
-    # A Runtime with nothing scheduled: its encoder computes and caches the prompted slice exactly
-    # as a request does (fp16 on the CPU), and its background worker stays idle.
-    runtime = Runtime(CACHE_BYTES)
-    encoder = runtime.encoder
-    encoder.embedding(serving, vol, image_key, AXIS, case.k, window)
-    emb, cached = encoder.embedding(serving, vol, image_key, AXIS, case.k, window)
-    assert cached, "the embedding should be cached by now"
-    geom = encoder.geometry(serving, vol, AXIS)
-    predictor = SlicePredictor(serving.model, device)
-
-    def predict(e, i):
-        return predictor.predict(e, geom, box=case.box, foreground=[case.click_plane(i)], multimask=False)
-
-    # -- (2) decoder alone
-    for i in range(3):
-        predict(emb, i)
-    ms, dices = [], []
-    for i in range(counts["decoder"]):
-        t = now()
-        pred = predict(emb, i)
-        ms.append((now() - t) * 1000.0)
-        dices.append(dice(pred.mask, case.truth_plane))
-    results["decoder"] = summary(ms, slice_dice_mean=round(float(np.mean(dices)), 4))
-
-    # -- (4) one encoder pass
-    plane = take_slice(vol.normalized(window), AXIS, case.k)
-    x = predictor.model_input(plane, geom)[None]
-    predictor.embed(x)
-    sync(device)
-    ms = []
-    for _ in range(counts["encoder_pass"]):
-        t = now()
-        predictor.embed(x)
+    def __init__(self, case: Case, backbone: str, weights_dir: Path, device: torch.device):
+        self.case, self.device = case, device
+        handle = ModelHandle("2d", backbone, weights_dir, str(device))
+        self.serving = serving = handle.current()
+        self.info = {"served_model": serving.key, "adapter_version": serving.version}
+        vol = case.volume
+        self.window = vol.window(ORGAN)
+        # A Runtime with nothing scheduled: its encoder computes and caches the prompted slice
+        # exactly as a request does (fp16 on the CPU), and its background worker stays idle.
+        runtime = Runtime(CACHE_BYTES)
+        key = f"{IMAGE}@{vol.content_hash()}"
+        runtime.encoder.embedding(serving, vol, key, AXIS, case.k, self.window)
+        self.emb, cached = runtime.encoder.embedding(serving, vol, key, AXIS, case.k, self.window)
+        assert cached, "the embedding should be cached by now"
+        self.geom = runtime.encoder.geometry(serving, vol, AXIS)
+        self.predictor = SlicePredictor(serving.model, device)
+        self.plane = take_slice(vol.normalized(self.window), AXIS, case.k)
+        self.x = self.predictor.model_input(self.plane, self.geom)[None]
+        for i in range(3):  # warm-up
+            self.predict(self.emb, i)
+        self.predictor.embed(self.x)
         sync(device)
-        ms.append((now() - t) * 1000.0)
-    results["encoder_pass"] = summary(ms)
+
+    def predict(self, e, i):
+        return self.predictor.predict(e, self.geom, box=self.case.box, foreground=[self.case.click_plane(i)], multimask=False)
+
+    def decode(self, i) -> Tuple[float, float]:
+        """(ms, slice Dice) of one decoder pass on the cached embedding."""
+        t = now()
+        pred = self.predict(self.emb, i)
+        ms = (now() - t) * 1000.0
+        return ms, dice(pred.mask, self.case.truth_plane)
+
+    def encode(self) -> float:
+        t = now()
+        self.predictor.embed(self.x)
+        sync(self.device)
+        return (now() - t) * 1000.0
+
+
+def run_in_process(local: Local, counts: Dict[str, int], done: Dict[str, Dict]) -> Dict:
+    """The in-process measures not already taken interleaved with the REST ones."""
+    case, serving, predictor, geom, plane = local.case, local.serving, local.predictor, local.geom, local.plane
+    vol, window, device = case.volume, local.window, local.device
+    predict = local.predict
+    results: Dict[str, Dict] = {}
+
+    # -- (2) decoder alone (interleaved with the warm clicks when the REST part ran)
+    if "decoder" not in done:
+        runs = [local.decode(i) for i in range(counts["decoder"])]
+        results["decoder"] = summary([m for m, _ in runs], slice_dice_mean=round(float(np.mean([d for _, d in runs])), 4))
+
+    # -- (4) one encoder pass (interleaved with the first clicks when the REST part ran)
+    if "encoder_pass" not in done:
+        results["encoder_pass"] = summary([local.encode() for _ in range(counts["encoder_pass"])])
 
     # -- (7) re-encode on every click (no cache)
     ms = []
@@ -426,7 +454,7 @@ def run_in_process(case: Case, counts: Dict[str, int], backbone: str, weights_di
         ms, slices=depth, slices_per_s_p50=round(float(depth / (np.median(whole) / 1000.0)), 2),
         ms_per_slice_p50=round(float(np.median(whole) / depth), 2),
     )
-    return results, info
+    return results
 
 
 # --------------------------------------------------------------------------------- report
@@ -522,13 +550,14 @@ def main(argv=None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="adaptsam-bench-"))
     log = args.out.with_suffix(".server.log")
     try:
+        local = Local(case, args.backbone, Path(args.weights_dir), device)
+        local_info = local.info
         if not args.skip_rest:
-            print("REST measures (server on loopback) ...", flush=True)
-            rest, rest_info = run_rest(case, samples_dir, workdir / "studies", counts, conf, log, args.result_extension)
+            print("REST measures (server on loopback), interleaved with their in-process counterparts ...", flush=True)
+            rest, rest_info = run_rest(case, local, samples_dir, workdir / "studies", counts, conf, log, args.result_extension)
             results.update(rest)
         print("in-process measures ...", flush=True)
-        local, local_info = run_in_process(case, counts, args.backbone, Path(args.weights_dir), device)
-        results.update(local)
+        results.update(run_in_process(local, counts, results))
     except Exception:
         if log.exists():
             tail = log.read_text(errors="replace").splitlines()[-40:]

@@ -20,6 +20,7 @@ from monailabel.tasks.activelearning.first import First
 from monailabel.tasks.activelearning.random import Random
 
 from .config import AppConfig
+from .engine.allocator import keep_freed_memory
 from .engine.interactive import InteractiveSegmenter, Runtime
 from .engine.models import ModelHandle
 from .infers.adaptsam_infer import AdaptSamInfer
@@ -27,6 +28,10 @@ from .strategies.uncertainty import PromptDisagreement
 from .trainers.adaptsam_train import PROMPTS_KEY, AdaptSamTrainTask
 
 logger = logging.getLogger(__name__)
+
+# Before any worker thread has its own malloc arena: the server process (and MONAI Label's
+# training and scoring jobs, which load this app too) then keeps and reuses freed memory.
+keep_freed_memory()
 
 MODELS = {"adaptsam": "2d", "adaptsam_3d": "3d"}
 RECENT_SESSION_S = 1800  # a save this long after the last infer still counts as "right after"

@@ -19,6 +19,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from .allocator import keep_freed_memory
 from .cache import EmbeddingCache
 from .encoder import SliceEncoder
 from .errors import RequestError
@@ -101,6 +102,7 @@ class Runtime:
     """What every model and client shares: embedding cache, background encoder, sessions, volumes."""
 
     def __init__(self, cache_bytes: int):
+        keep_freed_memory()  # requests decode in worker threads: see allocator.py
         self.cache = EmbeddingCache(cache_bytes)
         self.encoder = SliceEncoder(self.cache)
         self.sessions = SessionStore()
@@ -352,7 +354,14 @@ class InteractiveSegmenter:
 
     @staticmethod
     def _assemble(preds: Dict[int, Prediction], roi, axis, shape, previous: Optional[np.ndarray]) -> np.ndarray:
-        label = previous.copy() if previous is not None and previous.shape == tuple(shape) else np.zeros(shape, np.uint8)
+        # Slice mode edits the session's previous result in place: a copy of a 512x512xN volume
+        # costs more than the decoder on this kind of machine (fresh pages fault one by one).
+        # Fortran order makes the (i, j, k) volume's transpose - what ITK writers take - free,
+        # and an axial slice contiguous.
+        if previous is not None and previous.shape == tuple(shape):
+            label = np.asfortranarray(previous)  # no copy: it was allocated here
+        else:
+            label = np.zeros(shape, np.uint8, order="F")
         r, c = in_plane_axes(axis)
         for s, p in preds.items():
             plane = p.mask.astype(np.uint8)

@@ -8,6 +8,7 @@ result with only the prompted slice changed, so nothing the user already has is 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Callable, Dict, List, Tuple
 
@@ -100,7 +101,9 @@ class AdaptSamInfer(InferTask):
         )
         result = self._segmenter().segment(seg_request)
         ext = request.get("result_extension") or _split_name(request["image"])[1]
+        t = time.perf_counter()
         path = write_label(result.label, result.affine, ext)
+        result.timings["write"] = round((time.perf_counter() - t) * 1000, 1)
         name = label or (self.labels[0] if len(self.labels) == 1 else "segment")
         return path, {
             "label_names": {name: 1},

@@ -14,7 +14,9 @@ def write_label(label: np.ndarray, affine: np.ndarray, extension: str = ".nii.gz
     ITK formats (.nrrd for Slicer/OHIF, .seg.nrrd, .mha) via SimpleITK with LPS geometry."""
     ext = extension if extension.startswith(".") else "." + extension
     path = tempfile.NamedTemporaryFile(suffix=ext, delete=False).name
-    label = np.ascontiguousarray(label, dtype=np.uint8)
+    # Fortran order (how the segmenter allocates results): NIfTI stores that order, and ITK's
+    # (k, j, i) view below is then a free transpose instead of a strided 5 MB copy per click.
+    label = np.asfortranarray(label, dtype=np.uint8)
     if ext in NIFTI:
         import nibabel as nib
 
@@ -25,7 +27,7 @@ def write_label(label: np.ndarray, affine: np.ndarray, extension: str = ".nii.gz
         return path
     import SimpleITK as sitk
 
-    img = sitk.GetImageFromArray(np.transpose(label, (2, 1, 0)))
+    img = sitk.GetImageFromArray(label.T)
     lps = np.diag([-1.0, -1.0, 1.0]) @ affine[:3, :3]
     spacing = np.sqrt((lps**2).sum(axis=0))
     img.SetSpacing([float(s) for s in spacing])
