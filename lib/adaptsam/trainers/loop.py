@@ -14,7 +14,8 @@ Cost on a CPU is what shapes this loop:
   largest error region). The decoder is cheap; the loss sums over all rounds. Loss: BCE + Dice, plus the IoU head's error (the server's propagation
   trusts the predicted IoU to stop).
 - Validation runs the serving code path (SlicePredictor on original-grid prompts) with the
-  deterministic click protocol; the best epoch by mean validation Dice is what gets published.
+  deterministic click protocol; the best epoch by mean validation Dice is what gets published
+  (the last epoch when there are no validation images).
 """
 
 from __future__ import annotations
@@ -406,14 +407,25 @@ class AdapterTrainer:
             decoder_phase = epoch <= decoder_epochs
             # the decoder phase is ~5x cheaper per sample: give it more samples per epoch
             n_steps = steps * (3 if decoder_phase and not self.opt.steps_per_epoch else 1)
+            out_of_time = False
             for i in range(n_steps):
+                # single process: the budget also ends an epoch early (ranks of a distributed run
+                # must take the same steps, so they only stop between epochs)
+                if self.world_size == 1 and self._over_budget(t0):
+                    out_of_time = True
+                    break
                 batch = [pairs[(i * bs + j) % len(pairs)] for j in range(bs)]
                 for k, v in self._step(batch, optimizer, embeddings if decoder_phase else None).items():
                     running.setdefault(k, []).append(v)
+            if out_of_time and not running:  # the budget ran out before this epoch's first step
+                self.log(f"time budget of {self.opt.max_minutes} min reached")
+                break
             train_metrics = {k: round(float(np.mean(v)), 4) for k, v in running.items()}
             val_metrics = self.validate(val) if val and lead else {}
             metric = float(np.mean(list(val_metrics.values()))) if val_metrics else -train_metrics.get("loss", 0.0)
-            improved = metric > best or best_state is None and not val_metrics
+            # Without validation images there is nothing to choose an epoch by (the training loss
+            # moves with the random prompts drawn): the last epoch is published.
+            improved = metric > best if val_metrics else True
             if improved:
                 best, best_state = metric, copy.deepcopy(adapter_state_dict(self.model))
             elapsed = time.time() - t0
@@ -434,12 +446,15 @@ class AdapterTrainer:
             self.log(f"epoch {epoch}/{self.opt.max_epochs} {elapsed:.0f}s train {train_metrics} val {val_metrics}{' *' if improved else ''}")
             if self.stats_path and lead:
                 _write_json(self.stats_path, stats)
-            if self.opt.max_minutes and elapsed > 60 * self.opt.max_minutes:
+            if out_of_time or self._over_budget(t0):
                 self.log(f"time budget of {self.opt.max_minutes} min reached")
                 break
         if not lead:
             return TrainResult(None, self.base_version, best, stats)
         return self._publish(best_state, best, stats, train_items, val_items, t0)
+
+    def _over_budget(self, t0: float) -> bool:
+        return bool(self.opt.max_minutes) and time.time() - t0 > 60 * self.opt.max_minutes
 
     def _publish(self, best_state, best, stats, train_items, val_items, t0) -> TrainResult:
         if best_state is None:
