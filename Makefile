@@ -31,7 +31,9 @@ test: samples
 
 # The monailabel console script runs whatever `python` is first on PATH, so run the module with
 # the venv's interpreter and put the venv first on PATH for MONAI Label's background jobs.
+# glibc malloc settings for the server (one arena, freed memory kept): see lib/adaptsam/engine/allocator.py
 serve: samples
+	MALLOC_ARENA_MAX=1 MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=1073741824 \
 	PATH=$(abspath $(VENV))/bin:$$PATH $(PY) -m monailabel.main start_server \
 		--app apps/adaptsam --studies $(SAMPLES)/studies --host $(HOST) --port $(PORT) $(CONF)
 

@@ -53,6 +53,7 @@ import requests  # noqa: E402
 import torch  # noqa: E402
 
 from adaptsam import samples  # noqa: E402
+from adaptsam.engine.allocator import keep_freed_memory  # noqa: E402
 from adaptsam.engine.interactive import Runtime  # noqa: E402
 from adaptsam.engine.metrics import bounding_box, dice, largest_slice  # noqa: E402
 from adaptsam.engine.models import ModelHandle  # noqa: E402
@@ -529,6 +530,7 @@ def main(argv=None) -> int:
                    help="label format asked of the server (default .nrrd, what the Slicer plugin always sends)")
     p.add_argument("--skip-rest", action="store_true", help="in-process measures only (no server)")
     args = p.parse_args(argv)
+    keep_freed_memory()  # before the model loads, as the server does (engine/allocator.py)
 
     counts = {k: (getattr(args, k) or args.repeats or v) for k, v in DEFAULT_COUNTS.items()}
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else

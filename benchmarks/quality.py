@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from adaptsam import samples
+from adaptsam.engine.allocator import keep_freed_memory
 from adaptsam.engine.interactive import InteractiveSegmenter, Runtime, SegmentRequest
 from adaptsam.engine.metrics import bounding_box, dice, largest_slice
 from adaptsam.engine.models import ModelHandle, published_versions
@@ -78,6 +79,7 @@ def main(argv=None) -> int:
     ap.add_argument("--backbone", default="litemedsam")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "quality.json"))
     args = ap.parse_args(argv)
+    keep_freed_memory()  # before the model loads (engine/allocator.py)
     root = samples.default_samples_dir()
     samples.fetch(root)
     results = {"machine": {"python": sys.version.split()[0], "torch": torch.__version__, "cpus": torch.get_num_threads(), "platform": platform.platform()}, "models": {}}

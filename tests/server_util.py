@@ -14,6 +14,8 @@ from typing import Dict, Iterator, Optional
 
 import requests
 
+from adaptsam.engine.allocator import MALLOC_ENV
+
 REPO = Path(__file__).resolve().parents[1]
 APP_DIR = REPO / "apps" / "adaptsam"
 
@@ -45,6 +47,8 @@ def running_server(studies: Path, conf: Optional[Dict[str, str]] = None, log: Op
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
     env.setdefault("MONAI_LABEL_AUTO_UPDATE_SCORING", "false")
     env.setdefault("MONAI_LABEL_TRACKING_ENABLED", "false")
+    for k, v in MALLOC_ENV.items():  # as `make serve` starts the server
+        env.setdefault(k, v)
     out = open(log or (Path(studies).parent / f"server-{port}.log"), "wb")
     proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO, start_new_session=True)
     url = f"http://127.0.0.1:{port}"

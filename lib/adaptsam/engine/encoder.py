@@ -28,7 +28,7 @@ import torch
 from .cache import EmbeddingCache, EmbeddingKey
 from .models import ServingModel
 from .predictor import SlicePredictor
-from .preprocess import SliceGeometry, plane_shape, take_slice
+from .preprocess import SliceGeometry, plane_shape
 from .volume import Volume
 
 logger = logging.getLogger(__name__)
@@ -112,10 +112,9 @@ class SliceEncoder:
     def _encode(self, serving: ServingModel, volume: Volume, image: str, axis: int, index: int, window) -> Dict[int, torch.Tensor]:
         depth = volume.shape[axis]
         group, _ = window_group(index, serving.num_slices, depth)
-        norm = volume.normalized(window)
         geom = self.geometry(serving, volume, axis)
         predictor = SlicePredictor(serving.model, next(serving.model.parameters()).device)
-        inputs = torch.stack([predictor.model_input(take_slice(norm, axis, s), geom) for s in group])
+        inputs = torch.stack([predictor.model_input(volume.normalized_slice(window, axis, s), geom) for s in group])
         out = predictor.embed(inputs)
         result = {}
         for pos, s in enumerate(group):

@@ -15,7 +15,7 @@ from typing import Dict, Optional, Tuple
 
 import numpy as np
 
-from .preprocess import guess_modality, in_plane_axes, intensity_window, normalize_volume
+from .preprocess import guess_modality, in_plane_axes, intensity_window, normalize_volume, take_slice
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
@@ -79,11 +79,23 @@ class Volume:
             self._normalized[key] = normalize_volume(self.array, key)
         return self._normalized[key]
 
+    def normalized_slice(self, window: Tuple[float, float], axis: int, index: int) -> np.ndarray:
+        """One uint8 slice for `window`: from the whole normalised volume when it exists, else
+        just this slice (a first click on a new volume needs one slice, not all of them)."""
+        key = (float(window[0]), float(window[1]))
+        whole = self._normalized.get(key)
+        if whole is not None:
+            return take_slice(whole, axis, index)
+        return normalize_volume(take_slice(self.array, axis, index), key)
+
     def content_hash(self) -> str:
         """Identity of the voxel data (a changed file with the same id gets new embeddings)."""
         h = hashlib.sha1()
         h.update(str(self.array.shape).encode())
-        h.update(np.ascontiguousarray(self.array).view(np.uint8).ravel()[:: max(1, self.array.nbytes // (64 << 20))])
+        # the bytes in memory order: an F-ordered array (as NIfTI loads) is hashed through its
+        # C-ordered transpose view instead of a 10 MB copy on every first request
+        a = self.array if self.array.flags.c_contiguous else (self.array.T if self.array.flags.f_contiguous else np.ascontiguousarray(self.array))
+        h.update(a.view(np.uint8).ravel()[:: max(1, a.nbytes // (64 << 20))])
         h.update(self.affine.tobytes())
         return h.hexdigest()[:16]
 
