@@ -14,7 +14,6 @@ import logging
 from pathlib import Path
 
 from . import samples
-from .engine.allocator import keep_freed_memory
 from .model.backbones import default_weights_dir
 from .trainers.loop import AdapterTrainer, TrainOptions
 
@@ -33,7 +32,6 @@ def main(argv=None) -> int:
     ap.add_argument("--max-minutes", type=float, default=0.0)
     ap.add_argument("--no-resume", action="store_true", help="start from zero-initialised adapters")
     args = ap.parse_args(argv)
-    keep_freed_memory()  # before torch starts threads: see engine/allocator.py
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     root = Path(args.samples)
     samples.fetch(root)

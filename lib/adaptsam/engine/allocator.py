@@ -13,8 +13,8 @@ and with the arena limit reached later threads are spread over the existing aren
 background encoder measured 1.2-1.4 s per slice instead of 1.0 s when the settings came after
 the model had been loaded). So processes we start get the same settings from the environment
 (`MALLOC_ENV`: `make serve`, the Dockerfile, the tests' and benchmarks' servers), and the app
-module, the training command, the trainer and the Runtime call `keep_freed_memory()` for
-processes started otherwise (a no-op the second time). The price: up to `keep_bytes` of freed
+module, the trainer and the Runtime call `keep_freed_memory()` for processes started otherwise
+(a no-op the second time). The price: up to `keep_bytes` of freed
 memory stays with the process.
 """
 

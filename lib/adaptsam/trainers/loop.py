@@ -11,8 +11,8 @@ Cost on a CPU is what shapes this loop:
   region of the previous prediction (positive in misses, negative in false positives), with the
   previous logits as mask prompt, as in SAM, SAM-Med2D and MSA. Half the clicks follow the
   usual protocol instead (deepest point of the object, then one click in the middle of the
-  largest error region). The decoder is cheap; the loss sums over all rounds. Loss: BCE + Dice, plus the IoU head's error (the server's propagation
-  trusts the predicted IoU to stop).
+  largest error region). The decoder is cheap; the loss sums over all rounds. Loss: BCE + Dice,
+  plus the IoU head's error (the server's propagation trusts the predicted IoU to stop).
 - Validation runs the serving code path (SlicePredictor on original-grid prompts) with the
   deterministic click protocol; the best epoch by mean validation Dice is what gets published
   (the last epoch when there are no validation images).
@@ -46,7 +46,7 @@ from ..model import adapter_io
 from ..model.adapters import AdapterConfig, adapter_state_dict, attach_adapters, is_adapter_name, set_adapter_training_mode
 from ..model.backbones import build_model
 from ..model.encoder_split import default_split, encode_head, encode_tail, tail_adapter_parameters
-from .data import SliceSample, VolumeSamples, load_pair, split_by_image
+from .data import VolumeSamples, load_pair, split_by_image
 
 logger = logging.getLogger(__name__)
 PROMPT_TYPES = ("box", "click1", "click3")
@@ -418,7 +418,6 @@ class AdapterTrainer:
                 for k, v in self._step(batch, optimizer, embeddings if decoder_phase else None).items():
                     running.setdefault(k, []).append(v)
             if out_of_time and not running:  # the budget ran out before this epoch's first step
-                self.log(f"time budget of {self.opt.max_minutes} min reached")
                 break
             train_metrics = {k: round(float(np.mean(v)), 4) for k, v in running.items()}
             val_metrics = self.validate(val) if val and lead else {}
@@ -446,9 +445,10 @@ class AdapterTrainer:
             self.log(f"epoch {epoch}/{self.opt.max_epochs} {elapsed:.0f}s train {train_metrics} val {val_metrics}{' *' if improved else ''}")
             if self.stats_path and lead:
                 _write_json(self.stats_path, stats)
-            if out_of_time or self._over_budget(t0):
-                self.log(f"time budget of {self.opt.max_minutes} min reached")
+            if self._over_budget(t0):
                 break
+        if self._over_budget(t0):
+            self.log(f"time budget of {self.opt.max_minutes} min reached")
         if not lead:
             return TrainResult(None, self.base_version, best, stats)
         return self._publish(best_state, best, stats, train_items, val_items, t0)
