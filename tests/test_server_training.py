@@ -7,8 +7,6 @@ import json
 import tempfile
 import time
 
-import nibabel as nib
-import numpy as np
 import pytest
 import requests
 from monailabel.client import MONAILabelClient

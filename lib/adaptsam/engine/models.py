@@ -18,10 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
-import torch
-
 from ..model import adapter_io
-from ..model.adapters import AdapterConfig, attach_adapters
+from ..model.adapters import attach_adapters
 from ..model.backbones import build_model
 from ..model.sam import PromptableSam
 

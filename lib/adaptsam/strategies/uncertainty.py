@@ -22,7 +22,6 @@ import time
 from typing import Callable, Dict, Optional
 
 import numpy as np
-import torch
 
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.strategy import Strategy

@@ -15,7 +15,7 @@ from typing import Dict, List, Sequence, Tuple
 import numpy as np
 import torch
 
-from ..engine.preprocess import SliceGeometry, ct_window_for, in_plane_axes, plane_shape, take_slice
+from ..engine.preprocess import SliceGeometry, in_plane_axes, plane_shape, take_slice
 from ..engine.volume import Volume
 
 AXIAL = 2
