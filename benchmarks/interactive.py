@@ -71,7 +71,7 @@ CACHE_BYTES = 2 << 30  # the server's default embedding cache budget
 DEFAULT_COUNTS = {
     "warm_click": 20,
     "decoder": 20,
-    "first_click": 5,
+    "first_click": 8,
     "encoder_pass": 10,
     "volume_encode": 2,
     "propagation": 3,

@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 import torch
 
+from adaptsam import samples
+
 from adaptsam.engine.preprocess import (
     CT_DEFAULT_WINDOW,
     CT_WINDOW_PRESETS,
@@ -106,3 +108,29 @@ def test_intensity_windows():
     mr = np.concatenate([np.zeros(1000), rng.uniform(10, 20, 100000), [5000.0]])
     lo, hi = intensity_window(mr, "MR")
     assert 10 <= lo < 10.1 and 19.9 < hi <= 20  # background zeros and the bright outlier ignored
+
+
+def test_volume_load_reads_gzipped_nifti_exactly_and_refuses_truncated_files(samples_dir, tmp_path):
+    """The fast gzip path (ISA-L) gives nibabel's voxels, dtype and affine; a cut-off or
+    non-gzip upload is a load error the server turns into a 4xx."""
+    import nibabel as nib
+
+    from adaptsam.engine.volume import ImageLoadError, Volume
+
+    path = samples.image_path(samples_dir, "ct_dicom")
+    vol = Volume.load(path)
+    ref = nib.load(str(path))
+    expected = np.asanyarray(ref.dataobj)
+    assert vol.array.dtype == expected.dtype and np.array_equal(vol.array, expected)
+    assert np.allclose(vol.affine, ref.affine)
+    # a slice is a view of the loaded array, laid out as take_slice documents
+    plane = take_slice(vol.array, 2, 7)
+    assert np.shares_memory(plane, vol.array) and plane.shape == (expected.shape[1], expected.shape[0])
+    assert plane[5, 3] == expected[3, 5, 7]
+
+    data = path.read_bytes()
+    for name, content in (("cut.nii.gz", data[: len(data) // 2]), ("text.nii.gz", b"not an image")):
+        bad = tmp_path / name
+        bad.write_bytes(content)
+        with pytest.raises(ImageLoadError):
+            Volume.load(bad)
