@@ -76,11 +76,11 @@ def test_vit_checkpoint_round_trip_on_a_tiny_configuration(tmp_path):
         build_model("sam_vit_b", checkpoint=tmp_path / "wrong.pth", encoder_overrides=TINY_VIT)
 
 
-@pytest.mark.parametrize("kind", ["2d", "3d"])
-def test_untrained_adapters_leave_litemedsam_outputs_identical(base_model, kind):
+@pytest.mark.parametrize("kind,decoder_blocks", [("2d", 1), ("3d", 1), ("2d", 2)])
+def test_untrained_adapters_leave_litemedsam_outputs_identical(base_model, kind, decoder_blocks):
     images, boxes, points = _inputs(5, 256)  # 5 slices: one 3d window
     expected = _run(base_model, images, boxes, points)
-    adapted = attach_adapters(build_model("litemedsam"), AdapterConfig(kind=kind))
+    adapted = attach_adapters(build_model("litemedsam"), AdapterConfig(kind=kind, decoder_blocks=decoder_blocks))
     for a, b in zip(_run(adapted, images, boxes, points), expected):
         assert torch.equal(a, b)
 
@@ -163,3 +163,39 @@ def test_adapter_file_round_trip_and_refusals(tmp_path):
     same_arch_other_weights.checkpoint_sha256 = "0" * 64
     with pytest.raises(adapter_io.AdapterMismatch, match="sha256"):
         adapter_io.load_adapters(path, same_arch_other_weights)
+
+
+def test_a_grown_adapter_layout_warm_starts_from_an_older_file(tmp_path):
+    """Adapters in both decoder blocks, started from a one-block file: the file is refused as a
+    full load (different layout) but warm-starts the model exactly; a file written before the
+    `decoder_blocks` field existed still loads into the layout it describes."""
+    one = attach_adapters(build_model("litemedsam"), AdapterConfig(kind="2d"))
+    with torch.no_grad():
+        for p in one.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.01)
+    path = tmp_path / "adaptsam_2d_litemedsam_v1.pt"
+    adapter_io.save_adapters(path, one, version=1)
+
+    two = attach_adapters(build_model("litemedsam"), AdapterConfig(kind="2d", decoder_blocks=2))
+    with pytest.raises(adapter_io.AdapterMismatch, match="config"):
+        adapter_io.load_adapters(path, two)
+    assert adapter_io.warm_start(path, two)["version"] == 1
+    images, boxes, points = _inputs(1, 256, seed=5)
+    for a, b in zip(_run(one, images, boxes, points), _run(two, images, boxes, points)):
+        assert torch.equal(a, b)
+    with pytest.raises(adapter_io.AdapterMismatch):  # the other way round: tensors it lacks
+        adapter_io.warm_start(_saved(two, tmp_path / "two.pt"), attach_adapters(build_model("litemedsam"), AdapterConfig(kind="2d")))
+
+    payload = adapter_io.read_adapter_file(path)
+    del payload["meta"]["config"]["decoder_blocks"]  # as files from before the field
+    old = tmp_path / "old.pt"
+    torch.save(payload, old)
+    fresh = attach_adapters(build_model("litemedsam"), AdapterConfig(kind="2d"))
+    adapter_io.load_adapters(old, fresh)
+    assert adapter_io.config_from_meta(adapter_io.read_adapter_meta(old)) == AdapterConfig(kind="2d")
+
+
+def _saved(model, path):
+    adapter_io.save_adapters(path, model, version=2)
+    return path

@@ -85,7 +85,8 @@ def check_compatible(meta: Dict[str, Any], model: PromptableSam, source: str = "
             f"{source} was trained on base checkpoint sha256 {meta['base_sha256'][:12]}…, "
             f"this model's is {model.checkpoint_sha256[:12]}…"
         )
-    if meta["kind"] != cfg.kind or meta["config"] != cfg.to_dict():
+    # through the dataclass, so files written before a config field existed get its default
+    if meta["kind"] != cfg.kind or config_from_meta(meta).to_dict() != cfg.to_dict():
         raise AdapterMismatch(
             f"{source} is a {meta['kind']} adapter with config {meta['config']}, "
             f"the model has a {cfg.kind} adapter with config {cfg.to_dict()}"
@@ -108,3 +109,23 @@ def load_adapters(path: Path | str, model: PromptableSam) -> Dict[str, Any]:
 
 def config_from_meta(meta: Dict[str, Any]) -> AdapterConfig:
     return AdapterConfig(**meta["config"])
+
+
+def warm_start(path: Path | str, model: PromptableSam) -> Dict[str, Any]:
+    """Start a training run from an adapter file whose layout is a subset of `model`'s (say,
+    decoder adapters in one two-way block where the model has them in two): every tensor the
+    file has goes in, the model's extra adapters keep their zero init, so the run starts from
+    exactly the file's network. Refused across kinds or base checkpoints."""
+    payload = read_adapter_file(path)
+    meta = payload["meta"]
+    cfg: Optional[AdapterConfig] = getattr(model, "adapter_config", None)
+    if cfg is None or meta["kind"] != cfg.kind:
+        raise AdapterMismatch(f"{path} is a {meta['kind']} adapter; the model's is {getattr(cfg, 'kind', None)}")
+    if meta["backbone"] != model.backbone or meta["base_sha256"] != model.checkpoint_sha256:
+        raise AdapterMismatch(f"{path} was trained on another base model")
+    own = model.state_dict()
+    bad = [k for k, v in payload["state_dict"].items() if k not in own or own[k].shape != v.shape]
+    if bad:
+        raise AdapterMismatch(f"{path}: tensors the model does not have in that shape: {bad[:3]}")
+    model.load_state_dict(payload["state_dict"], strict=False)
+    return meta

@@ -8,7 +8,8 @@ Two kinds, chosen per model:
   each LayerNorm -> Linear down -> Conv3d (3,1,1) across the slice axis -> GELU -> Linear up,
   added residually. The encoder then takes ``num_slices`` adjacent slices folded into the batch
   dimension, and the Conv3d is where neighbouring slices exchange information.
-- Optional decoder adapters (MSA) in the first two-way block: after the token-to-image cross
+- Optional decoder adapters (MSA) in the first `decoder_blocks` two-way blocks of the mask
+  decoder (the shipped 3D adapter has them in both): after the token-to-image cross
   attention, a bottleneck on the tokens whose down-projection is modulated per sample by the
   prompt embedding ("hyper-prompting": the same adapter reacts differently to boxes and
   clicks), and a plain bottleneck beside the block's MLP. LiteMedSAM's decoder only ever saw
@@ -42,8 +43,9 @@ class AdapterConfig:
     bottleneck_ratio: float = 0.125  # hidden width = ratio * block width
     mlp_scale: float = 0.5  # MSA's s for the adapter beside the MLP
     num_slices: int = 5  # 3d: adjacent slices folded into the batch
-    decoder: bool = True  # MSA decoder adapter in the first two-way block
+    decoder: bool = True  # MSA decoder adapters in the decoder's two-way blocks
     decoder_hidden: int = 128
+    decoder_blocks: int = 1  # how many two-way blocks get them, from the first
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -198,7 +200,7 @@ class AdaptedViTBlock(nn.Module):
 
 
 class AdaptedTwoWayBlock(nn.Module):
-    """First two-way decoder block with the prompt-conditioned adapter on the tokens."""
+    """A two-way decoder block with the prompt-conditioned adapter on the tokens."""
 
     def __init__(self, block: TwoWayAttentionBlock, cfg: AdapterConfig, num_output_tokens: int):
         super().__init__()
@@ -245,7 +247,7 @@ def _encoder_blocks(encoder: nn.Module) -> Iterator[Tuple[nn.ModuleList, int, nn
 
 
 def attach_adapters(model: PromptableSam, cfg: AdapterConfig) -> PromptableSam:
-    """Wrap the encoder blocks (and the first decoder block) in place; freeze everything else."""
+    """Wrap the encoder blocks (and the first decoder blocks) in place; freeze everything else."""
     if getattr(model, "adapter_config", None) is not None:
         raise RuntimeError("adapters are already attached to this model")
     for p in model.parameters():
@@ -255,7 +257,8 @@ def attach_adapters(model: PromptableSam, cfg: AdapterConfig) -> PromptableSam:
         container[i] = wrapper(blk, cfg)
     if cfg.decoder:
         layers = model.mask_decoder.transformer.layers
-        layers[0] = AdaptedTwoWayBlock(layers[0], cfg, 1 + model.mask_decoder.num_mask_tokens)
+        for i in range(min(cfg.decoder_blocks, len(layers))):
+            layers[i] = AdaptedTwoWayBlock(layers[i], cfg, 1 + model.mask_decoder.num_mask_tokens)
     for name, p in model.named_parameters():
         p.requires_grad_(is_adapter_name(name))
     model.adapter_config = cfg

@@ -73,6 +73,9 @@ class TrainOptions:
     resume: bool = True  # start from the newest published adapter of this kind
     steps_per_epoch: int = 0  # 0: one pass over the training slices
     decoder_epochs: int = -1  # leading epochs on cached embeddings, decoder adapter only (-1: half)
+    # two-way decoder blocks with adapters (AdapterConfig.decoder_blocks); 0: the layout of the
+    # adapter this run starts from (so a retrain from the server keeps the shipped layout), else 1
+    decoder_blocks: int = 0
 
     @classmethod
     def from_request(cls, request: Dict, kind: str) -> "TrainOptions":
@@ -121,17 +124,27 @@ class AdapterTrainer:
     # ---- setup --------------------------------------------------------------------------------
 
     def _build_model(self):
-        cfg = AdapterConfig(kind=self.opt.kind, num_slices=self.opt.num_slices)
+        versions = published_versions(self.weights_dir, self.opt.kind, self.backbone)
+        cfg = AdapterConfig(kind=self.opt.kind, num_slices=self.opt.num_slices,
+                            decoder_blocks=self.opt.decoder_blocks or self._starting_layout(versions))
         model = attach_adapters(build_model(self.backbone, weights_dir=self.weights_dir), cfg)
         self.base_version = 0
-        versions = published_versions(self.weights_dir, self.opt.kind, self.backbone)
         if self.opt.resume and versions:
+            newest = versions[-1][1]
             try:
-                meta = adapter_io.load_adapters(versions[-1][1], model)
-                self.base_version = int(meta["version"])
-                self.log(f"resuming from {versions[-1][1].name}")
+                meta = adapter_io.load_adapters(newest, model)
+                self.log(f"resuming from {newest.name}")
             except adapter_io.AdapterMismatch as e:
-                self.log(f"not resuming from {versions[-1][1].name}: {e}")
+                # a layout that grew (more decoder blocks with adapters) starts from the old
+                # network exactly: its tensors in, the new adapters at their zero init
+                try:
+                    meta = adapter_io.warm_start(newest, model)
+                    self.log(f"warm start from {newest.name} (new adapters start as identity)")
+                except adapter_io.AdapterMismatch:
+                    meta = None
+                    self.log(f"not resuming from {newest.name}: {e}")
+            if meta is not None:
+                self.base_version = int(meta["version"])
         if not self.base_version and self.opt.kind == "3d":
             self._seed_decoder_from_2d(model)
         self.next_version = (versions[-1][0] if versions else 0) + 1
@@ -145,6 +158,20 @@ class AdapterTrainer:
         self.log(f"training {sum(p.numel() for p in self.params)} adapter parameters "
                  f"(encoder stage {self.split}+ and decoder) of {sum(p.numel() for p in model.parameters())}")
         return model
+
+    def _starting_layout(self, versions) -> int:
+        """Decoder blocks with adapters in the adapter this run starts from: the newest of its
+        kind when resuming, else (3d) the 2d adapter its decoder is seeded from, else 1."""
+        if not (self.opt.resume and versions) and self.opt.kind == "3d":
+            versions = published_versions(self.weights_dir, "2d", self.backbone)
+        elif not self.opt.resume:
+            versions = []
+        if not versions:
+            return 1
+        try:
+            return adapter_io.config_from_meta(adapter_io.read_adapter_meta(versions[-1][1])).decoder_blocks
+        except (adapter_io.AdapterMismatch, KeyError, TypeError):
+            return 1
 
     def _seed_decoder_from_2d(self, model) -> None:
         """A fresh 3d adapter starts with the newest 2d adapter's decoder part: that is where
