@@ -75,6 +75,17 @@ def read_adapter_meta(path: Path | str) -> Dict[str, Any]:
 
 
 def check_compatible(meta: Dict[str, Any], model: PromptableSam, source: str = "adapter") -> None:
+    cfg = _check_base(meta, model, source)
+    # through the dataclass, so files written before a config field existed get its default
+    if meta["kind"] != cfg.kind or config_from_meta(meta).to_dict() != cfg.to_dict():
+        raise AdapterMismatch(
+            f"{source} is a {meta['kind']} adapter with config {meta['config']}, "
+            f"the model has a {cfg.kind} adapter with config {cfg.to_dict()}"
+        )
+
+
+def _check_base(meta: Dict[str, Any], model: PromptableSam, source: str) -> AdapterConfig:
+    """The model has adapters and the base weights the file was trained on; its adapter config."""
     cfg: Optional[AdapterConfig] = getattr(model, "adapter_config", None)
     if cfg is None:
         raise AdapterMismatch("attach adapters to the model before loading adapter weights")
@@ -85,12 +96,7 @@ def check_compatible(meta: Dict[str, Any], model: PromptableSam, source: str = "
             f"{source} was trained on base checkpoint sha256 {meta['base_sha256'][:12]}…, "
             f"this model's is {model.checkpoint_sha256[:12]}…"
         )
-    # through the dataclass, so files written before a config field existed get its default
-    if meta["kind"] != cfg.kind or config_from_meta(meta).to_dict() != cfg.to_dict():
-        raise AdapterMismatch(
-            f"{source} is a {meta['kind']} adapter with config {meta['config']}, "
-            f"the model has a {cfg.kind} adapter with config {cfg.to_dict()}"
-        )
+    return cfg
 
 
 def load_adapters(path: Path | str, model: PromptableSam) -> Dict[str, Any]:
@@ -118,11 +124,9 @@ def warm_start(path: Path | str, model: PromptableSam) -> Dict[str, Any]:
     exactly the file's network. Refused across kinds or base checkpoints."""
     payload = read_adapter_file(path)
     meta = payload["meta"]
-    cfg: Optional[AdapterConfig] = getattr(model, "adapter_config", None)
-    if cfg is None or meta["kind"] != cfg.kind:
-        raise AdapterMismatch(f"{path} is a {meta['kind']} adapter; the model's is {getattr(cfg, 'kind', None)}")
-    if meta["backbone"] != model.backbone or meta["base_sha256"] != model.checkpoint_sha256:
-        raise AdapterMismatch(f"{path} was trained on another base model")
+    cfg = _check_base(meta, model, str(path))
+    if meta["kind"] != cfg.kind:
+        raise AdapterMismatch(f"{path} is a {meta['kind']} adapter, the model has a {cfg.kind} adapter")
     own = model.state_dict()
     bad = [k for k, v in payload["state_dict"].items() if k not in own or own[k].shape != v.shape]
     if bad:
