@@ -28,7 +28,7 @@ from monailabel.interfaces.tasks.strategy import Strategy
 
 from ..engine.interactive import InteractiveSegmenter
 from ..engine.predictor import SlicePredictor
-from ..engine.preprocess import plane_shape, take_slice
+from ..engine.preprocess import plane_shape
 
 logger = logging.getLogger(__name__)
 INFO_KEY = "adaptsam_uncertainty"
@@ -46,7 +46,6 @@ def disagreement(segmenter: InteractiveSegmenter, image_path: str, image_id: str
     window = vol.window(None)
     axis = 2
     depth = vol.shape[axis]
-    norm = vol.normalized(window)
     predictor = SlicePredictor(serving.model, next(serving.model.parameters()).device)
     geom = runtime.encoder.geometry(serving, vol, axis)
     rows, cols = plane_shape(vol.shape, axis)
@@ -54,7 +53,7 @@ def disagreement(segmenter: InteractiveSegmenter, image_path: str, image_id: str
     scores = []
     with runtime.encoder.foreground():
         for k in np.linspace(0.2 * (depth - 1), 0.8 * (depth - 1), slices).round().astype(int):
-            plane = take_slice(norm, axis, int(k))
+            plane = vol.normalized_slice(window, axis, int(k))
             body = plane > 25
             emb, _ = runtime.encoder.embedding(serving, vol, image_key, axis, int(k), window)
             for r in np.linspace(0.2, 0.8, grid) * (rows - 1):
