@@ -70,15 +70,16 @@ def test_distributed_path_runs_two_ranks_on_cpu(samples_dir, tmp_path):
 
 
 def test_a_retrain_keeps_the_layout_it_resumes_from(samples_dir, tmp_path):
-    """The shipped 2d adapter has decoder adapters in both two-way blocks; a retrain with default
-    options (what the server's POST /train does) must resume from it, not start from zero in
-    the default layout."""
+    """An adapter with decoder adapters in both two-way blocks and LoRA on the decoder
+    attentions: a retrain with default options (what the server's POST /train does) must
+    resume from it, not start from zero in the default layout."""
     data = _datalist(samples_dir, ["mr_3mm"])
     quick = dict(kind="2d", max_epochs=1, steps_per_epoch=1, train_batch_size=1, val_split=0, decoder_epochs=0)
-    first = AdapterTrainer(data, TrainOptions(**quick, decoder_blocks=2, seed=4), tmp_path, log=print).run()
+    first = AdapterTrainer(data, TrainOptions(**quick, decoder_blocks=2, decoder_lora_rank=4, seed=4), tmp_path, log=print).run()
     assert adapter_io.read_adapter_meta(first.published)["config"]["decoder_blocks"] == 2
     logs = []
     second = AdapterTrainer(data, TrainOptions(**quick, seed=5), tmp_path, log=logs.append).run()
     meta = adapter_io.read_adapter_meta(second.published)
     assert any(line.startswith("resuming from adaptsam_2d_litemedsam_v1.pt") for line in logs), logs
-    assert meta["version"] == 2 and meta["previous_version"] == 1 and meta["config"]["decoder_blocks"] == 2
+    assert meta["version"] == 2 and meta["previous_version"] == 1
+    assert meta["config"]["decoder_blocks"] == 2 and meta["config"]["decoder_lora_rank"] == 4

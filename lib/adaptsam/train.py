@@ -26,7 +26,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(default_weights_dir()), help="weights dir to publish into")
     ap.add_argument("--backbone", default="litemedsam")
     for name, default in (("max-epochs", 12), ("train-batch-size", 4), ("seed", 0), ("steps-per-epoch", 0), ("decoder-epochs", -1),
-                          ("decoder-blocks", 0)):
+                          ("decoder-blocks", 0), ("decoder-lora-rank", -1)):
         ap.add_argument(f"--{name}", type=int, default=default)
     ap.add_argument("--learning-rate", type=float, default=1e-3)
     ap.add_argument("--val-split", type=float, default=0.0)
@@ -44,7 +44,7 @@ def main(argv=None) -> int:
         kind=args.kind, max_epochs=args.max_epochs, learning_rate=args.learning_rate, val_split=args.val_split,
         train_batch_size=args.train_batch_size, seed=args.seed, max_minutes=args.max_minutes,
         resume=not args.no_resume, steps_per_epoch=args.steps_per_epoch, decoder_epochs=args.decoder_epochs,
-        decoder_blocks=args.decoder_blocks,
+        decoder_blocks=args.decoder_blocks, decoder_lora_rank=args.decoder_lora_rank,
     )
     result = AdapterTrainer(datalist, opts, Path(args.out), args.backbone, log=print).run()
     print(f"published: {result.published} (version {result.version})")

@@ -76,6 +76,9 @@ class TrainOptions:
     # two-way decoder blocks with adapters (AdapterConfig.decoder_blocks); 0: the layout of the
     # adapter this run starts from (so a retrain from the server keeps the shipped layout), else 1
     decoder_blocks: int = 0
+    # LoRA rank on the decoder attentions (AdapterConfig.decoder_lora_rank); -1: that of the
+    # adapter this run starts from, else 0
+    decoder_lora_rank: int = -1
 
     @classmethod
     def from_request(cls, request: Dict, kind: str) -> "TrainOptions":
@@ -125,8 +128,10 @@ class AdapterTrainer:
 
     def _build_model(self):
         versions = published_versions(self.weights_dir, self.opt.kind, self.backbone)
+        start = self._starting_layout(versions)
         cfg = AdapterConfig(kind=self.opt.kind, num_slices=self.opt.num_slices,
-                            decoder_blocks=self.opt.decoder_blocks or self._starting_layout(versions))
+                            decoder_blocks=self.opt.decoder_blocks or start.decoder_blocks,
+                            decoder_lora_rank=start.decoder_lora_rank if self.opt.decoder_lora_rank < 0 else self.opt.decoder_lora_rank)
         model = attach_adapters(build_model(self.backbone, weights_dir=self.weights_dir), cfg)
         self.base_version = 0
         if self.opt.resume and versions:
@@ -159,19 +164,19 @@ class AdapterTrainer:
                  f"(encoder stage {self.split}+ and decoder) of {sum(p.numel() for p in model.parameters())}")
         return model
 
-    def _starting_layout(self, versions) -> int:
-        """Decoder blocks with adapters in the adapter this run starts from: the newest of its
-        kind when resuming, else (3d) the 2d adapter its decoder is seeded from, else 1."""
+    def _starting_layout(self, versions) -> AdapterConfig:
+        """The decoder-side layout of the adapter this run starts from: the newest of its kind
+        when resuming, else (3d) the 2d adapter its decoder is seeded from, else the defaults."""
         if not (self.opt.resume and versions) and self.opt.kind == "3d":
             versions = published_versions(self.weights_dir, "2d", self.backbone)
         elif not self.opt.resume:
             versions = []
         if not versions:
-            return 1
+            return AdapterConfig()
         try:
-            return adapter_io.config_from_meta(adapter_io.read_adapter_meta(versions[-1][1])).decoder_blocks
+            return adapter_io.config_from_meta(adapter_io.read_adapter_meta(versions[-1][1]))
         except (adapter_io.AdapterMismatch, KeyError, TypeError):
-            return 1
+            return AdapterConfig()
 
     def _seed_decoder_from_2d(self, model) -> None:
         """A fresh 3d adapter starts with the newest 2d adapter's decoder part: that is where
