@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import Optional, Tuple
 
 import numpy as np
 
@@ -30,7 +30,6 @@ class Volume:
     affine: np.ndarray  # voxel -> RAS (4x4)
     path: str = ""
     modality: str = ""
-    _normalized: Dict[Tuple[float, float], np.ndarray] = field(default_factory=dict, repr=False)
     _mr_window: Optional[Tuple[float, float]] = field(default=None, repr=False)
 
     @classmethod
@@ -76,11 +75,9 @@ class Volume:
         return self._mr_window
 
     def normalized(self, window: Tuple[float, float]) -> np.ndarray:
-        """uint8 volume for `window` (computed once per window)."""
-        key = (float(window[0]), float(window[1]))
-        if key not in self._normalized:
-            self._normalized[key] = normalize_volume(self.array, key)
-        return self._normalized[key]
+        """uint8 volume for `window`, for whole-volume readers (training data, tests); not
+        kept: serving reads slices through `normalized_slice`."""
+        return normalize_volume(self.array, (float(window[0]), float(window[1])))
 
     def normalized_slice(self, window: Tuple[float, float], axis: int, index: int) -> np.ndarray:
         """One uint8 slice for `window` (~0.4 ms for 512x512: serving normalises slice by slice,
