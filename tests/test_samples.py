@@ -86,6 +86,27 @@ def test_ct_3mm_hu_plausible(samples_dir):
     assert lung < -500
 
 
+def test_ct_body_3mm_contains_ct_3mm(samples_dir):
+    """ct_3mm is the top of ct_body_3mm; the two models' labels must agree there (same grid)."""
+    body, body_affine = _image(samples_dir, "ct_body_3mm")
+    small, small_affine = _image(samples_dir, "ct_3mm")
+    depth = small.shape[2]
+    assert body.shape[:2] == small.shape[:2] and body.shape[2] > 3 * depth
+    assert np.array_equal(body[:, :, -depth:], small)
+    # The sdist stores the crop with the whole volume's affine (its origin was not moved):
+    # kept as shipped, since both labels were made on these very files.
+    np.testing.assert_allclose(body_affine, small_affine, atol=1e-5)
+    body_label, _, _ = samples.load_reference(samples_dir, "ct_body_3mm")
+    small_label, _, _ = samples.load_reference(samples_dir, "ct_3mm")
+    for name in ("liver", "spleen"):
+        a = body_label[:, :, -depth:] == samples.label_value(samples_dir, "ct_body_3mm", name)
+        b = small_label == samples.label_value(samples_dir, "ct_3mm", name)
+        dice = 2 * (a & b).sum() / (a.sum() + b.sum())
+        print(f"{name}: fast vs normal model Dice on the shared slices {dice:.3f}")
+        assert dice > 0.85
+    assert _mean_inside(samples_dir, "ct_body_3mm", "femur_left") > 150  # the pelvis is labelled too
+
+
 def test_ct_dicom_matches_monailabel_conversion(samples_dir):
     """MONAI Label turns DICOMweb series into NIfTI with SimpleITK/GDCM: same voxels, same affine."""
     sitk = pytest.importorskip("SimpleITK")

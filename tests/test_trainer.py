@@ -7,10 +7,10 @@ import json
 import torch
 
 from adaptsam import samples
-from adaptsam.engine.models import published_versions
+from adaptsam.engine.models import ModelHandle, published_versions
 from adaptsam.model import adapter_io
 from adaptsam.model.adapters import AdapterConfig, attach_adapters, base_state_dict, is_adapter_name
-from adaptsam.model.backbones import build_model
+from adaptsam.model.backbones import build_model, default_weights_dir
 from adaptsam.trainers.loop import AdapterTrainer, TrainOptions
 
 
@@ -46,7 +46,8 @@ def test_short_run_publishes_adapters_and_keeps_base_bit_identical(samples_dir, 
 
 
 def test_trainer_moves_adapters_in_a_single_step(samples_dir, tmp_path):
-    opts = TrainOptions(kind="3d", max_epochs=1, steps_per_epoch=1, train_batch_size=1, val_split=0, seed=2)
+    # trained without carried logits (SAM's mask prompt in correction rounds): served the same way
+    opts = TrainOptions(kind="3d", max_epochs=1, steps_per_epoch=1, train_batch_size=1, val_split=0, seed=2, carry_logits=False)
     trainer = AdapterTrainer(_datalist(samples_dir, ["mr_3mm"]), opts, tmp_path, log=print)
     result = trainer.run()  # no validation: the last epoch is published
     assert result.published and result.version == 1
@@ -54,6 +55,11 @@ def test_trainer_moves_adapters_in_a_single_step(samples_dir, tmp_path):
     moved = [k for k, v in payload["state_dict"].items() if v.abs().sum() > 0 and ".up." in k]
     assert moved, "no up-projection left zero init"
     assert payload["meta"]["kind"] == "3d"
+    assert payload["meta"]["options"]["carry_logits"] is False
+    assert ModelHandle("3d", "litemedsam", tmp_path, "cpu").current().carries_logits is False
+    # the shipped adapters predate the option and were trained with it; the base model gets it too
+    assert ModelHandle("2d", "litemedsam", default_weights_dir(), "cpu").current().carries_logits is True
+    assert ModelHandle("2d", "litemedsam", tmp_path / "empty", "cpu").current().carries_logits is True
 
 
 def test_distributed_path_runs_two_ranks_on_cpu(samples_dir, tmp_path):

@@ -67,7 +67,9 @@ class AdaptSamAppBase:
                     kind, self.config.backbone, self.config.weights_dir, self.config.resolved_device(),
                     pinned=pinned, num_slices=self.config.num_slices,
                 )
-                self._segmenters[kind] = InteractiveSegmenter(self._runtime, handle, propagate=self.config.propagate)
+                self._segmenters[kind] = InteractiveSegmenter(
+                    self._runtime, handle, propagate=self.config.propagate, carry_logits=self.config.carry_logits
+                )
             return self._segmenters[kind]
 
     def init_infers(self):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 from .model.backbones import BACKBONES, default_weights_dir
 
@@ -32,6 +32,7 @@ class AppConfig:
     weights_dir: str = str(default_weights_dir())
     cache_bytes: int = 2 << 30  # embedding cache budget
     propagate: bool = True  # default request mode "volume" propagates through slices
+    carry_logits: Optional[bool] = None  # corrections also get the previous logits as mask prompt; None: as trained
     adapter_2d: str = ""  # adapter file for `adaptsam`; empty: newest published
     adapter_3d: str = ""  # adapter file for `adaptsam_3d`
     num_slices: int = 5
@@ -56,6 +57,8 @@ class AppConfig:
             kw["cache_bytes"] = int(float(c["cache_gb"]) * (1 << 30))
         if "propagate" in c:
             kw["propagate"] = _bool(c["propagate"])
+        if "carry_logits" in c:
+            kw["carry_logits"] = None if c["carry_logits"].strip().lower() == "auto" else _bool(c["carry_logits"])
         if "adapter_2d" in c:
             kw["adapter_2d"] = c["adapter_2d"]
         if "adapter_3d" in c:

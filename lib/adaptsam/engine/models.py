@@ -52,6 +52,13 @@ class ServingModel:
     meta: Dict[str, Any] = field(default_factory=dict)
 
     @property
+    def carries_logits(self) -> bool:
+        """Whether a correction also gets the previous answer's logits as mask prompt: as the
+        adapter was trained (files from before the option were trained with it); the base model
+        does (without, a correction after a box can undo the box: README, Quality)."""
+        return bool(self.meta.get("options", {}).get("carry_logits", True))
+
+    @property
     def key(self) -> str:
         if self.version == 0:
             return f"{self.model.backbone}/base"

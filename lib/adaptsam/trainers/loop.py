@@ -79,6 +79,9 @@ class TrainOptions:
     # LoRA rank on the decoder attentions (AdapterConfig.decoder_lora_rank); -1: that of the
     # adapter this run starts from, else 0
     decoder_lora_rank: int = -1
+    # feed each round's logits back as the next round's mask prompt (SAM's iterative training);
+    # recorded in the adapter's metadata, and the server serves the adapter the same way
+    carry_logits: bool = True
 
     @classmethod
     def from_request(cls, request: Dict, kind: str) -> "TrainOptions":
@@ -284,7 +287,7 @@ class AdapterTrainer:
             dices[name] = float(hard_dice.mean())
             if rnd == self.opt.corrections:
                 break
-            mask_in = logits.detach()
+            mask_in = logits.detach() if self.opt.carry_logits else None
             for i in range(b):
                 err_fn = (target[i, 0] > 0) & ~hard[i, 0]
                 err_fp = hard[i, 0] & ~(target[i, 0] > 0)
@@ -397,7 +400,7 @@ class AdapterTrainer:
             emb = emb_cache[(id(vs), k)]
             sample = vs.slices[k]
             truth = sample.plane_label == v
-            for name, value in evaluate_prompts(predictor, emb, sample.geom, truth).items():
+            for name, value in evaluate_prompts(predictor, emb, sample.geom, truth, carry_logits=self.opt.carry_logits).items():
                 scores[name].append(value)
         return {t: float(np.mean(s)) for t, s in scores.items() if s}
 
@@ -515,8 +518,10 @@ class AdapterTrainer:
         return TrainResult(str(path), self.next_version, best, stats)
 
 
-def evaluate_prompts(predictor: SlicePredictor, emb: torch.Tensor, geom, truth: np.ndarray, clicks: int = 3) -> Dict[str, float]:
-    """Dice for a box, 1 click and `clicks` clicks (protocol clicks, logits carried over)."""
+def evaluate_prompts(predictor: SlicePredictor, emb: torch.Tensor, geom, truth: np.ndarray, clicks: int = 3,
+                     carry_logits: bool = True) -> Dict[str, float]:
+    """Dice for a box, 1 click and `clicks` clicks (protocol clicks; the previous logits as mask
+    prompt when `carry_logits`, as the server does)."""
     out = {}
     box = bounding_box(truth)
     out["box"] = dice(predictor.predict(emb, geom, box=box).mask, truth)
@@ -528,7 +533,7 @@ def evaluate_prompts(predictor: SlicePredictor, emb: torch.Tensor, geom, truth: 
         if c is None:
             break
         (fg if c[2] else bg).append(c[:2])
-        pred = predictor.predict(emb, geom, foreground=fg, background=bg, mask_input=pred.low_res_logits)
+        pred = predictor.predict(emb, geom, foreground=fg, background=bg, mask_input=pred.low_res_logits if carry_logits else None)
         if n in (3, 5):
             out[f"click{n}"] = dice(pred.mask, truth)
     out.setdefault(f"click{clicks}", dice(pred.mask, truth))
