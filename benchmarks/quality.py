@@ -5,8 +5,8 @@
 For every object of the reference (silver) label with a large enough largest slice:
 - on that slice: Dice for a box (the object's bounding box), and for 1, 3 and 5 clicks of the
   standard protocol (first click farthest from the boundary, each next one in the largest
-  error region; the previous logits as mask prompt where the server gives them: for adapters
-  trained so, not for the base model; --carry-logits / --no-carry-logits force it), through the
+  error region; the previous logits as mask prompt where the server gives them, i.e. unless the
+  adapter was trained without; --carry-logits / --no-carry-logits force it), through the
   serving code path;
 - volume Dice after propagation from that slice's box (the server's `volume` mode).
 Models: the base model, the newest shipped 2D adapter and the newest shipped 3D adapter in
@@ -82,8 +82,7 @@ def evaluate(spec: str, samples_dir: Path, handle: ModelHandle, runtime: Runtime
         window = vol.window(name)
         emb, _ = runtime.encoder.embedding(serving, vol, key, 2, k, window)
         geom = runtime.encoder.geometry(serving, vol, 2)
-        carry = serving.carries_logits if carry_logits is None else carry_logits
-        scores = evaluate_prompts(SlicePredictor(serving.model), emb, geom, truth, clicks=5, carry_logits=carry)
+        scores = evaluate_prompts(SlicePredictor(serving.model), emb, geom, truth, clicks=5, carry_logits=seg.carries_logits(serving))
         r0, c0, r1, c1 = bounding_box(truth3d[:, :, k])
         res = seg.segment(SegmentRequest(path, image_id, label=name, roi=[r0, r1, c0, c1, k, k], mode="volume", client_id=f"q-{name}"))
         scores["volume_box"] = dice(res.label[:, :, inside] > 0, truth3d[:, :, inside])

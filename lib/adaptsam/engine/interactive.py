@@ -179,6 +179,9 @@ class InteractiveSegmenter:
         self.carry_logits = carry_logits
         runtime.handles[handle.kind] = handle
 
+    def carries_logits(self, serving: ServingModel) -> bool:
+        return serving.carries_logits if self.carry_logits is None else self.carry_logits
+
     def segment(self, req: SegmentRequest) -> SegmentResult:
         t0 = time.perf_counter()
         timings: Dict[str, float] = {}
@@ -223,8 +226,7 @@ class InteractiveSegmenter:
             clicks = self._clicks_by_slice(fg, bg, axis)
             t = time.perf_counter()
             mask_in = self._mask_prompt(mask, axis, k, geom, serving)
-            carry = serving.carries_logits if self.carry_logits is None else self.carry_logits
-            if mask_in is None and continuing and carry:
+            if mask_in is None and continuing and self.carries_logits(serving):
                 mask_in = session.logits.get((axis, k))
             box = self._box(roi, axis) if roi is not None and roi[axis][0] <= k <= roi[axis][1] else None
             if box is None and mask is not None and not clicks.get(k):

@@ -54,8 +54,8 @@ class ServingModel:
     @property
     def carries_logits(self) -> bool:
         """Whether a correction also gets the previous answer's logits as mask prompt: as the
-        adapter was trained (files from before the option were trained with it); the base model
-        does (without, a correction after a box can undo the box: README, Quality)."""
+        adapter was trained (files from before the option were trained with it). The base model
+        keeps it too, as before the option (its click-only gain without it: README, Quality)."""
         return bool(self.meta.get("options", {}).get("carry_logits", True))
 
     @property
