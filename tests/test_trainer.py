@@ -9,7 +9,7 @@ import torch
 from adaptsam import samples
 from adaptsam.engine.models import ModelHandle, published_versions
 from adaptsam.model import adapter_io
-from adaptsam.model.adapters import AdapterConfig, attach_adapters, base_state_dict, is_adapter_name
+from adaptsam.model.adapters import AdapterConfig, adapter_state_dict, attach_adapters, base_state_dict, is_adapter_name
 from adaptsam.model.backbones import build_model, default_weights_dir
 from adaptsam.trainers.loop import AdapterTrainer, TrainOptions
 
@@ -89,3 +89,15 @@ def test_a_retrain_keeps_the_layout_it_resumes_from(samples_dir, tmp_path):
     assert any(line.startswith("resuming from adaptsam_2d_litemedsam_v1.pt") for line in logs), logs
     assert meta["version"] == 2 and meta["previous_version"] == 1
     assert meta["config"]["decoder_blocks"] == 2 and meta["config"]["decoder_lora_rank"] == 4
+    # The box-consistency term holds box answers to the model the run starts from: its teacher
+    # is that adapter, frozen, while the student moves on.
+    third = AdapterTrainer(data, TrainOptions(**quick, seed=6, box_consistency=2.0), tmp_path, log=print)
+    result = third.run()
+    resumed = adapter_io.read_adapter_file(second.published)["state_dict"]
+    published = adapter_io.read_adapter_file(result.published)
+    teacher = adapter_state_dict(third.teacher)
+    assert set(teacher) == set(resumed)
+    assert all(torch.equal(teacher[k], resumed[k]) for k in resumed)
+    assert not all(torch.equal(published["state_dict"][k], resumed[k]) for k in resumed)
+    assert not any(p.requires_grad for p in third.teacher.parameters())
+    assert published["meta"]["options"]["box_consistency"] == 2.0

@@ -31,6 +31,8 @@ def main(argv=None) -> int:
     ap.add_argument("--learning-rate", type=float, default=1e-3)
     ap.add_argument("--val-split", type=float, default=0.0)
     ap.add_argument("--max-minutes", type=float, default=0.0)
+    ap.add_argument("--box-consistency", type=float, default=0.0,
+                    help="weight keeping box-only answers close to those of the adapter the run starts from")
     ap.add_argument("--no-resume", action="store_true", help="start from zero-initialised adapters")
     ap.add_argument("--carry-logits", action=argparse.BooleanOptionalAction, default=TrainOptions.carry_logits,
                     help="previous round's logits as the mask prompt of correction rounds")
@@ -47,6 +49,7 @@ def main(argv=None) -> int:
         train_batch_size=args.train_batch_size, seed=args.seed, max_minutes=args.max_minutes,
         resume=not args.no_resume, steps_per_epoch=args.steps_per_epoch, decoder_epochs=args.decoder_epochs,
         decoder_blocks=args.decoder_blocks, decoder_lora_rank=args.decoder_lora_rank, carry_logits=args.carry_logits,
+        box_consistency=args.box_consistency,
     )
     result = AdapterTrainer(datalist, opts, Path(args.out), args.backbone, log=print).run()
     print(f"published: {result.published} (version {result.version})")

@@ -13,6 +13,8 @@ Cost on a CPU is what shapes this loop:
   usual protocol instead (deepest point of the object, then one click in the middle of the
   largest error region). The decoder is cheap; the loss sums over all rounds. Loss: BCE + Dice,
   plus the IoU head's error (the server's propagation trusts the predicted IoU to stop).
+  Optionally (`box_consistency`) a distillation term on box-only rounds against a frozen copy
+  of the model the run starts from, so that learning clicks does not unlearn boxes.
 - Validation runs the serving code path (SlicePredictor on original-grid prompts) with the
   deterministic click protocol; the best epoch by mean validation Dice is what gets published
   (the last epoch when there are no validation images).
@@ -82,6 +84,10 @@ class TrainOptions:
     # feed each round's logits back as the next round's mask prompt (SAM's iterative training);
     # recorded in the adapter's metadata, and the server serves the adapter the same way
     carry_logits: bool = True
+    # weight of a term that keeps box-only answers close to those of the adapter this run starts
+    # from (a frozen copy, on the embeddings it computed): clicks are learnt without the box -
+    # what the base model already did well - drifting (0: off)
+    box_consistency: float = 0.0
 
     @classmethod
     def from_request(cls, request: Dict, kind: str) -> "TrainOptions":
@@ -124,6 +130,7 @@ class AdapterTrainer:
         self.device = torch.device(device)
         self.log = log or (lambda s: logger.info(s))
         self.rng = random.Random(options.seed * 1000 + rank)  # ranks simulate different prompts
+        self.teacher = None  # the starting model, frozen, when box_consistency > 0 (see run)
         torch.manual_seed(options.seed)
         np.random.seed(options.seed)
 
@@ -242,7 +249,8 @@ class AdapterTrainer:
 
     # ---- one optimisation step ------------------------------------------------------------------
 
-    def _decode_rounds(self, emb: torch.Tensor, gts: torch.Tensor, use_box: bool, recorded: List[Optional[List]]):
+    def _decode_rounds(self, emb: torch.Tensor, gts: torch.Tensor, use_box: bool, recorded: List[Optional[List]],
+                       teacher_emb: Optional[torch.Tensor] = None):
         """Simulated interaction on a batch; returns (loss, {prompt type: mean Dice})."""
         b = emb.shape[0]
         boxes = torch.tensor(np.stack([self._jittered_box(g) for g in gts]), dtype=torch.float32) if use_box else None
@@ -283,6 +291,10 @@ class AdapterTrainer:
                 true_iou = (hard & (target > 0)).sum((1, 2, 3)).float() / ((hard | (target > 0)).sum((1, 2, 3)).float() + 1e-6)
                 hard_dice = 2 * (hard & (target > 0)).sum((1, 2, 3)).float() / (hard.sum((1, 2, 3)) + target.sum((1, 2, 3)) + 1e-6)
             loss = loss + (bce + soft_dice).mean() + self.opt.iou_weight * F.mse_loss(iou_pred[:, 0], true_iou)
+            if rnd == 0 and use_box and teacher_emb is not None:
+                with torch.no_grad():
+                    t_logits, _ = self.teacher.decode(teacher_emb, boxes=boxes.to(emb.device))
+                loss = loss + self.opt.box_consistency * F.binary_cross_entropy_with_logits(logits, torch.sigmoid(t_logits))
             name = ("box" if use_box else "click1") if rnd == 0 else f"{'box' if use_box else 'click'}+{rnd}"
             dices[name] = float(hard_dice.mean())
             if rnd == self.opt.corrections:
@@ -309,10 +321,11 @@ class AdapterTrainer:
                         points[i].append((float(xy[0, 0]), float(xy[0, 1]), 1 if positive else 0))
         return loss, dices
 
-    def _batch(self, pairs, embeddings: Optional[Dict] = None) -> Tuple[torch.Tensor, torch.Tensor, List]:
+    def _batch(self, pairs, embeddings: Optional[Dict] = None) -> Tuple[torch.Tensor, torch.Tensor, List, Optional[torch.Tensor]]:
         """2d: pairs of (volume, slice); 3d: windows. Returns head activations (or, in the
-        decoder phase, cached embeddings), GT masks, recorded prompts."""
-        heads, gts, recorded = [], [], []
+        decoder phase, cached embeddings), GT masks, recorded prompts, and the starting model's
+        embeddings when the box-consistency term needs them."""
+        heads, gts, recorded, teacher = [], [], [], []
         n = self.opt.num_slices if self.opt.kind == "3d" else 1
         for vs, k in pairs:
             sample = vs.slices[k]
@@ -326,10 +339,12 @@ class AdapterTrainer:
                 else:
                     gts.append(torch.zeros(self.low_res, self.low_res, dtype=torch.bool))
                 recorded.append(vs.recorded_clicks(s, value) or None)
-        return torch.stack(heads).float(), torch.stack(gts), recorded
+                if self.teacher is not None:
+                    teacher.append(self.teacher_embeddings[(id(vs), s)])
+        return torch.stack(heads).float(), torch.stack(gts), recorded, (torch.stack(teacher).float() if teacher else None)
 
     def _step(self, pairs, optimizer, embeddings: Optional[Dict] = None) -> Dict[str, float]:
-        heads, gts, recorded = self._batch(pairs, embeddings)
+        heads, gts, recorded, teacher_emb = self._batch(pairs, embeddings)
         set_adapter_training_mode(self.model)
         if embeddings is None:
             emb = encode_tail(self.model.image_encoder, heads.to(self.device), self.split)
@@ -340,7 +355,8 @@ class AdapterTrainer:
         dices: Dict[str, float] = {}
         if keep:
             use_box = self.rng.random() < 0.5
-            loss, dices = self._decode_rounds(emb[keep], gts[keep], use_box, [recorded[i] for i in keep])
+            loss, dices = self._decode_rounds(emb[keep], gts[keep], use_box, [recorded[i] for i in keep],
+                                              None if teacher_emb is None else teacher_emb[keep].to(self.device))
             loss.backward()
             dices["loss"] = float(loss.detach())
         if self.world_size > 1:
@@ -428,7 +444,11 @@ class AdapterTrainer:
         # Phase 1 (decoder_epochs): embeddings are computed once and the decoder adapter learns
         # clicks at a few hundred ms per sample; phase 2 trains encoder and decoder adapters jointly.
         decoder_epochs = self.opt.max_epochs // 2 if self.opt.decoder_epochs < 0 else self.opt.decoder_epochs
-        embeddings = self._embed_all(train) if decoder_epochs > 0 else None
+        embeddings = self._embed_all(train) if decoder_epochs > 0 or self.opt.box_consistency > 0 else None
+        if self.opt.box_consistency > 0:
+            # the model as it starts: its embeddings are the ones just computed
+            self.teacher = copy.deepcopy(self.model).eval().requires_grad_(False)
+            self.teacher_embeddings = embeddings
         best, best_state, history = -1.0, None, []
         lead = self.rank == 0
         baseline = self.validate(val) if val and lead else {}
