@@ -85,8 +85,8 @@ class TrainOptions:
     # recorded in the adapter's metadata, and the server serves the adapter the same way
     carry_logits: bool = True
     # weight of a term that keeps box-only answers close to those of the adapter this run starts
-    # from (a frozen copy, on the embeddings it computed): clicks are learnt without the box -
-    # what the base model already did well - drifting (0: off)
+    # from (a frozen copy, on the embeddings it computed), so that learning clicks does not
+    # unlearn boxes, which the base model already answers well (0: off)
     box_consistency: float = 0.0
 
     @classmethod
