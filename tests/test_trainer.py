@@ -11,6 +11,7 @@ from adaptsam.engine.models import ModelHandle, published_versions
 from adaptsam.model import adapter_io
 from adaptsam.model.adapters import AdapterConfig, adapter_state_dict, attach_adapters, base_state_dict, is_adapter_name
 from adaptsam.model.backbones import build_model, default_weights_dir
+from adaptsam.trainers.data import load_pair
 from adaptsam.trainers.loop import AdapterTrainer, TrainOptions
 
 
@@ -101,3 +102,22 @@ def test_a_retrain_keeps_the_layout_it_resumes_from(samples_dir, tmp_path):
     assert not all(torch.equal(published["state_dict"][k], resumed[k]) for k in resumed)
     assert not any(p.requires_grad for p in third.teacher.parameters())
     assert published["meta"]["options"]["box_consistency"] == 2.0
+
+
+def test_min_area_fraction_drops_only_the_small_cross_sections(samples_dir):
+    # an organ's end slices (partial-volume slivers) can be left out of training; the rest stays
+    args = (str(samples.image_path(samples_dir, "ct_3mm")), str(samples.reference_path(samples_dir, "ct_3mm")), 256, 256, 24, "default")
+    every = load_pair(*args)
+    cores = load_pair(*args, min_area_fraction=0.3)
+
+    def areas(vs):
+        return {(k, v): int(m.sum()) for k, s in vs.slices.items() for v, m in s.low_res.items()}
+
+    all_areas, kept = areas(every), areas(cores)
+    largest = {}
+    for (_, v), a in all_areas.items():
+        largest[v] = max(largest.get(v, 0), a)
+    assert set(kept) < set(all_areas)
+    assert {v for _, v in kept} == {v for _, v in all_areas}  # every object keeps its largest slice
+    for key, a in all_areas.items():
+        assert (key in kept) == (a >= 0.3 * largest[key[1]]), key

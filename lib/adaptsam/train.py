@@ -31,6 +31,12 @@ def main(argv=None) -> int:
     ap.add_argument("--learning-rate", type=float, default=1e-3)
     ap.add_argument("--val-split", type=float, default=0.0)
     ap.add_argument("--max-minutes", type=float, default=0.0)
+    ap.add_argument("--min-area", type=int, default=TrainOptions.min_area,
+                    help="smallest object cross-section trained on, in pixels of the decoder's low-res grid")
+    ap.add_argument("--min-area-fraction", type=float, default=TrainOptions.min_area_fraction,
+                    help="... and at least this share of the object's largest cross-section")
+    ap.add_argument("--protocol-clicks", type=float, default=TrainOptions.protocol_clicks,
+                    help="share of simulated clicks placed as the benchmark's protocol places them")
     ap.add_argument("--box-consistency", type=float, default=0.0,
                     help="weight keeping box-only answers close to those of the adapter the run starts from")
     ap.add_argument("--no-resume", action="store_true", help="start from zero-initialised adapters")
@@ -49,7 +55,8 @@ def main(argv=None) -> int:
         train_batch_size=args.train_batch_size, seed=args.seed, max_minutes=args.max_minutes,
         resume=not args.no_resume, steps_per_epoch=args.steps_per_epoch, decoder_epochs=args.decoder_epochs,
         decoder_blocks=args.decoder_blocks, decoder_lora_rank=args.decoder_lora_rank, carry_logits=args.carry_logits,
-        box_consistency=args.box_consistency,
+        box_consistency=args.box_consistency, min_area=args.min_area, min_area_fraction=args.min_area_fraction,
+        protocol_clicks=args.protocol_clicks,
     )
     result = AdapterTrainer(datalist, opts, Path(args.out), args.backbone, log=print).run()
     print(f"published: {result.published} (version {result.version})")

@@ -1,8 +1,9 @@
 """Training data from saved labels: every label value in a label map is one object.
 
 No class list is needed: a clinician's final label with values {1, 2, 5} gives three objects.
-Slices where an object covers at least `min_area` pixels (on the model's low-res grid) become
-training samples; 3D windows are N consecutive slices around such a slice.
+Slices where an object covers at least `min_area` pixels (on the model's low-res grid), and
+optionally at least `min_area_fraction` of its largest cross-section, become training samples;
+3D windows are N consecutive slices around such a slice.
 """
 
 from __future__ import annotations
@@ -62,7 +63,8 @@ class VolumeSamples:
         return found
 
 
-def load_pair(image_path: str, label_path: str, input_size: int, low_res: int, min_area: int, window_choice: str) -> VolumeSamples:
+def load_pair(image_path: str, label_path: str, input_size: int, low_res: int, min_area: int, window_choice: str,
+              min_area_fraction: float = 0.0) -> VolumeSamples:
     vol = Volume.load(image_path)
     lab = Volume.load(label_path, modality="MR").array
     if lab.shape != vol.shape:
@@ -88,6 +90,15 @@ def load_pair(image_path: str, label_path: str, input_size: int, low_res: int, m
             if int(m.sum()) >= min_area:
                 objs[int(v)] = m
         out.slices[k] = SliceSample(image_id, k, x, geom, plane_label, objs)
+    if min_area_fraction > 0:
+        # an organ's end slices, where partial volume leaves a sliver the label may or may not
+        # include, teach a click that the same tissue is sometimes a sliver, sometimes the organ
+        largest: Dict[int, int] = {}
+        for sample in out.slices.values():
+            for v, m in sample.low_res.items():
+                largest[v] = max(largest.get(v, 0), int(m.sum()))
+        for sample in out.slices.values():
+            sample.low_res = {v: m for v, m in sample.low_res.items() if int(m.sum()) >= min_area_fraction * largest[v]}
     return out
 
 

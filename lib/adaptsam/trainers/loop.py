@@ -68,6 +68,7 @@ class TrainOptions:
     # rest are sampled uniformly in the object / error region, for robustness
     protocol_clicks: float = 0.5
     min_area: int = 24  # pixels on the decoder's low-res grid
+    min_area_fraction: float = 0.0  # ... and this share of the object's largest cross-section
     val_pairs: int = 40
     max_minutes: float = 0.0  # 0: no time limit
     iou_weight: float = 0.1
@@ -205,7 +206,8 @@ class AdapterTrainer:
         out = []
         for item in items:
             for window in ("default", "soft"):
-                vs = load_pair(item["image"], item["label"], self.model.input_size, self.low_res, self.opt.min_area, window)
+                vs = load_pair(item["image"], item["label"], self.model.input_size, self.low_res, self.opt.min_area, window,
+                               self.opt.min_area_fraction)
                 vs.prompts = item.get("prompts", [])
                 out.append(vs)
                 if vs.modality != "CT":  # the window choice only exists for CT
