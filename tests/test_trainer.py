@@ -121,3 +121,5 @@ def test_min_area_fraction_drops_only_the_small_cross_sections(samples_dir):
     assert {v for _, v in kept} == {v for _, v in all_areas}  # every object keeps its largest slice
     for key, a in all_areas.items():
         assert (key in kept) == (a >= 0.3 * largest[key[1]]), key
+    # a request option (POST /train/adaptsam, --conf train_min_area_fraction) like the others
+    assert TrainOptions.from_request({"min_area_fraction": "0.3"}, "2d").min_area_fraction == 0.3
