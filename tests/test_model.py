@@ -204,3 +204,53 @@ def test_a_grown_adapter_layout_warm_starts_from_an_older_file(tmp_path):
 def _saved(model, path):
     adapter_io.save_adapters(path, model, version=2)
     return path
+
+
+def test_averaged_adapter_files_publish_as_the_next_version(tmp_path):
+    """`python -m adaptsam.average`: the published file holds the mean of the inputs' tensors,
+    loads like any adapter, names its inputs, and files that cannot be averaged are refused."""
+    from adaptsam.average import main as average_main
+
+    cfg = AdapterConfig(kind="2d")
+    runs = []
+    for seed in (1, 2, 3):
+        model = attach_adapters(build_model("litemedsam"), cfg)
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.add_(torch.randn(p.shape, generator=g) * 0.01)
+        path = tmp_path / "runs" / f"run{seed}.pt"
+        adapter_io.save_adapters(path, model, version=4, previous_version=3, options={"carry_logits": True, "seed": seed},
+                                 training_images=[f"img{seed}.nii.gz"])
+        runs.append(path)
+    out = tmp_path / "weights"
+    out.mkdir()
+    adapter_io.save_adapters(out / "adaptsam_2d_litemedsam_v3.pt", attach_adapters(build_model("litemedsam"), cfg), version=3)
+    assert average_main(["--out", str(out), *map(str, runs)]) == 0
+
+    published = out / "adaptsam_2d_litemedsam_v4.pt"
+    meta = adapter_io.read_adapter_meta(published)
+    assert meta["version"] == 4 and meta["previous_version"] == 3 and meta["options"] == {"carry_logits": True}
+    assert [a["file"] for a in meta["averaged_from"]] == ["run1.pt", "run2.pt", "run3.pt"]
+    assert meta["training_images"] == ["img1.nii.gz", "img2.nii.gz", "img3.nii.gz"]
+    fresh = attach_adapters(build_model("litemedsam"), cfg)
+    adapter_io.load_adapters(published, fresh)
+    inputs = [adapter_io.read_adapter_file(p)["state_dict"] for p in runs]
+    for k, v in adapter_state_dict(fresh).items():
+        expected = (inputs[0][k] + inputs[1][k] + inputs[2][k]) / 3
+        assert torch.allclose(v, expected, atol=1e-7), k
+        assert not torch.equal(v, inputs[0][k]), k
+
+    two_blocks = attach_adapters(build_model("litemedsam"), AdapterConfig(kind="2d", decoder_blocks=2))
+    other_layout = tmp_path / "layout.pt"
+    adapter_io.save_adapters(other_layout, two_blocks, version=4)
+    with pytest.raises(adapter_io.AdapterMismatch, match="layout"):
+        adapter_io.average_adapter_files([runs[0], other_layout])
+    no_carry = tmp_path / "no_carry.pt"
+    adapter_io.save_adapters(no_carry, fresh, version=4, options={"carry_logits": False})
+    with pytest.raises(adapter_io.AdapterMismatch, match="serving mode"):
+        adapter_io.average_adapter_files([runs[0], no_carry])
+    with pytest.raises(ValueError, match="at least two"):
+        adapter_io.average_adapter_files(runs[:1])
+    assert sorted(p.name for p in out.iterdir()) == ["adaptsam_2d_litemedsam_v3.pt", "adaptsam_2d_litemedsam_v4.pt"]

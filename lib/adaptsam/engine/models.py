@@ -56,7 +56,7 @@ class ServingModel:
         """Whether a correction also gets the previous answer's logits as mask prompt: as the
         adapter was trained (files from before the option were trained with it). The base model
         keeps it too, as before the option (its click-only gain without it: README, Quality)."""
-        return bool(self.meta.get("options", {}).get("carry_logits", True))
+        return adapter_io.serving_mode(self.meta)["carry_logits"]
 
     @property
     def key(self) -> str:

@@ -12,7 +12,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -133,3 +133,36 @@ def warm_start(path: Path | str, model: PromptableSam) -> Dict[str, Any]:
         raise AdapterMismatch(f"{path}: tensors the model does not have in that shape: {bad[:3]}")
     model.load_state_dict(payload["state_dict"], strict=False)
     return meta
+
+
+def serving_mode(meta: Dict[str, Any]) -> Dict[str, Any]:
+    """What the server takes from a file besides its tensors: whether corrections get the
+    previous logits as mask prompt (recorded by the trainer; files from before: yes)."""
+    return {"carry_logits": bool(meta.get("options", {}).get("carry_logits", True))}
+
+
+def average_adapter_files(paths: Sequence[Path | str]) -> Tuple[Dict[str, torch.Tensor], List[Dict[str, Any]]]:
+    """The uniform average of adapter files: (state dict, each file's metadata).
+
+    Runs that warm-start from one adapter and differ in options or seed end in one basin of the
+    loss, where the average of their weights generalises better than any of them (a "model
+    soup", Wortsman et al. 2022); only files with one base checkpoint, kind, layout and serving
+    mode can be averaged, anything else is refused."""
+    if len(paths) < 2:
+        raise ValueError("averaging needs at least two adapter files")
+    payloads = [read_adapter_file(p) for p in paths]
+    first = payloads[0]["meta"]
+    shapes = {k: v.shape for k, v in payloads[0]["state_dict"].items()}
+    for path, payload in zip(paths[1:], payloads[1:]):
+        meta = payload["meta"]
+        for what, a, b in (("backbone", first["backbone"], meta["backbone"]),
+                           ("base checkpoint", first["base_sha256"], meta["base_sha256"]),
+                           ("kind", first["kind"], meta["kind"]),
+                           ("layout", config_from_meta(first).to_dict(), config_from_meta(meta).to_dict()),
+                           ("serving mode", serving_mode(first), serving_mode(meta)),
+                           ("tensors", shapes, {k: v.shape for k, v in payload["state_dict"].items()})):
+            if a != b:
+                raise AdapterMismatch(f"{path} differs from {paths[0]} in its {what}: {b} vs {a}")
+    state = {k: torch.stack([p["state_dict"][k].double() for p in payloads]).mean(0).to(v.dtype)
+             for k, v in payloads[0]["state_dict"].items()}
+    return state, [p["meta"] for p in payloads]

@@ -1,0 +1,65 @@
+"""Publish the average of adapter files as the next version (what produced the shipped v4 files).
+
+    python -m adaptsam.average --out model_weights RUN_A.pt RUN_B.pt RUN_C.pt
+
+Each input is a training run's published file (`python -m adaptsam.train`); all must share one
+base checkpoint, kind, adapter layout and serving mode. The result is an ordinary adapter file:
+the server serves it, rollback and retraining treat it like any other version, and its metadata
+names the files it averages (with their SHA-256, options and training images).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+from pathlib import Path
+
+from .engine.models import published_name, published_versions
+from .model import adapter_io
+from .model.adapters import attach_adapters
+from .model.backbones import build_model, default_weights_dir
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def publish_average(paths, weights_dir: Path) -> Path:
+    paths = [Path(p) for p in paths]
+    state, metas = adapter_io.average_adapter_files(paths)
+    first = metas[0]
+    # load the average into the model it belongs to: that checks the base checkpoint installed
+    # here is the one the runs trained on, and the file is written the way the trainer writes
+    model = attach_adapters(build_model(first["backbone"]), adapter_io.config_from_meta(first))
+    adapter_io.check_compatible(first, model, source=str(paths[0]))
+    model.load_state_dict(state, strict=False)
+    versions = published_versions(weights_dir, first["kind"], first["backbone"])
+    version = (versions[-1][0] if versions else 0) + 1
+    path = weights_dir / published_name(first["kind"], first["backbone"], version)
+    images = sorted({name for m in metas for name in m.get("training_images", [])})
+    adapter_io.save_adapters(
+        path, model, version,
+        training_images=images,
+        validation_images=[],
+        options=adapter_io.serving_mode(first),
+        averaged_from=[{"file": p.name, "sha256": _sha256(p), "version": m.get("version"),
+                        "previous_version": m.get("previous_version"), "options": m.get("options", {}),
+                        "metrics": m.get("metrics", {}), "train_seconds": m.get("train_seconds")}
+                       for p, m in zip(paths, metas)],
+        previous_version=max(int(m.get("previous_version") or m["version"]) for m in metas),
+    )
+    return path
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m adaptsam.average", description=__doc__.split("\n\n")[0])
+    ap.add_argument("files", nargs="+", help="adapter files to average (two or more)")
+    ap.add_argument("--out", default=str(default_weights_dir()), help="weights dir to publish into")
+    args = ap.parse_args(argv)
+    path = publish_average(args.files, Path(args.out))
+    print(f"published: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
