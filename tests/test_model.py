@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from adaptsam.average import main as average_main
 from adaptsam.model import adapter_io
 from adaptsam.model.adapters import (
     AdapterConfig,
@@ -209,8 +210,6 @@ def _saved(model, path):
 def test_averaged_adapter_files_publish_as_the_next_version(tmp_path):
     """`python -m adaptsam.average`: the published file holds the mean of the inputs' tensors,
     loads like any adapter, names its inputs, and files that cannot be averaged are refused."""
-    from adaptsam.average import main as average_main
-
     cfg = AdapterConfig(kind="2d")
     runs = []
     for seed in (1, 2, 3):

@@ -31,10 +31,10 @@ def publish_average(paths, weights_dir: Path) -> Path:
     # load the average into the model it belongs to: that checks the base checkpoint installed
     # here is the one the runs trained on, and the file is written the way the trainer writes
     model = attach_adapters(build_model(first["backbone"]), adapter_io.config_from_meta(first))
-    adapter_io.check_compatible(first, model, source=str(paths[0]))
-    model.load_state_dict(state, strict=False)
+    adapter_io.load_adapter_state(first, state, model, source=str(paths[0]))
     versions = published_versions(weights_dir, first["kind"], first["backbone"])
-    version = (versions[-1][0] if versions else 0) + 1
+    previous = versions[-1][0] if versions else 0  # the version it replaces in serving
+    version = previous + 1
     path = weights_dir / published_name(first["kind"], first["backbone"], version)
     images = sorted({name for m in metas for name in m.get("training_images", [])})
     adapter_io.save_adapters(
@@ -46,7 +46,7 @@ def publish_average(paths, weights_dir: Path) -> Path:
                         "previous_version": m.get("previous_version"), "options": m.get("options", {}),
                         "metrics": m.get("metrics", {}), "train_seconds": m.get("train_seconds")}
                        for p, m in zip(paths, metas)],
-        previous_version=max(int(m.get("previous_version") or m["version"]) for m in metas),
+        previous_version=previous,
     )
     return path
 

@@ -102,13 +102,18 @@ def _check_base(meta: Dict[str, Any], model: PromptableSam, source: str) -> Adap
 def load_adapters(path: Path | str, model: PromptableSam) -> Dict[str, Any]:
     """Load adapter weights into `model` (adapters attached) after checking identity."""
     payload = read_adapter_file(path)
-    meta = payload["meta"]
-    check_compatible(meta, model, source=str(path))
-    state = payload["state_dict"]
+    return load_adapter_state(payload["meta"], payload["state_dict"], model, source=str(path))
+
+
+def load_adapter_state(meta: Dict[str, Any], state: Dict[str, torch.Tensor], model: PromptableSam,
+                       source: str = "adapter") -> Dict[str, Any]:
+    """Load adapter tensors described by `meta` into `model` after checking identity and that
+    the tensors are exactly the model's adapter tensors."""
+    check_compatible(meta, model, source=source)
     expected = {k for k in model.state_dict() if is_adapter_name(k)}
     if set(state) != expected:
         missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
-        raise AdapterMismatch(f"{path}: adapter tensors differ (missing {missing[:3]}, unexpected {extra[:3]})")
+        raise AdapterMismatch(f"{source}: adapter tensors differ (missing {missing[:3]}, unexpected {extra[:3]})")
     model.load_state_dict(state, strict=False)
     return meta
 
