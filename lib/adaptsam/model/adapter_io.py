@@ -150,9 +150,10 @@ def average_adapter_files(paths: Sequence[Path | str]) -> Tuple[Dict[str, torch.
     """The uniform average of adapter files: (state dict, each file's metadata).
 
     Runs that warm-start from one adapter and differ in options or seed end in one basin of the
-    loss, where the average of their weights generalises better than any of them (a "model
-    soup", Wortsman et al. 2022); only files with one base checkpoint, kind, layout and serving
-    mode can be averaged, anything else is refused."""
+    loss, where the average of their weights tends to generalise better than each of them (a
+    "model soup", Wortsman et al. 2022; measured for the shipped v4 files: README, Quality).
+    Only files with one base checkpoint, kind, layout and serving mode can be averaged; anything
+    else is refused."""
     if len(paths) < 2:
         raise ValueError("averaging needs at least two adapter files")
     payloads = [read_adapter_file(p) for p in paths]
