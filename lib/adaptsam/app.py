@@ -68,7 +68,8 @@ class AdaptSamAppBase:
                     pinned=pinned, num_slices=self.config.num_slices,
                 )
                 self._segmenters[kind] = InteractiveSegmenter(
-                    self._runtime, handle, propagate=self.config.propagate, carry_logits=self.config.carry_logits
+                    self._runtime, handle, propagate=self.config.propagate, carry_logits=self.config.carry_logits,
+                    guide_corrections=self.config.guide_corrections,
                 )
             return self._segmenters[kind]
 

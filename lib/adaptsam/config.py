@@ -33,6 +33,7 @@ class AppConfig:
     cache_bytes: int = 2 << 30  # embedding cache budget
     propagate: bool = True  # default request mode "volume" propagates through slices
     carry_logits: Optional[bool] = None  # corrections also get the previous logits as mask prompt; None: as trained
+    guide_corrections: bool = True  # a correction click also sends the guide box (engine/guide_box.py)
     adapter_2d: str = ""  # adapter file for `adaptsam`; empty: newest published
     adapter_3d: str = ""  # adapter file for `adaptsam_3d`
     num_slices: int = 5
@@ -59,6 +60,8 @@ class AppConfig:
             kw["propagate"] = _bool(c["propagate"])
         if "carry_logits" in c:
             kw["carry_logits"] = None if c["carry_logits"].strip().lower() == "auto" else _bool(c["carry_logits"])
+        if "guide_corrections" in c:
+            kw["guide_corrections"] = _bool(c["guide_corrections"])
         if "adapter_2d" in c:
             kw["adapter_2d"] = c["adapter_2d"]
         if "adapter_3d" in c:
