@@ -20,7 +20,9 @@ def _datalist(samples_dir, ids):
 
 
 def test_short_run_publishes_adapters_and_keeps_base_bit_identical(samples_dir, tmp_path, base_model):
-    opts = TrainOptions(kind="2d", max_epochs=2, steps_per_epoch=2, train_batch_size=2, val_split=0.5, val_pairs=6, seed=1)
+    # with the guide box in the correction rounds after a first click, as the server sends it
+    opts = TrainOptions(kind="2d", max_epochs=2, steps_per_epoch=2, train_batch_size=2, val_split=0.5, val_pairs=6, seed=1,
+                        guide_corrections=True)
     stats = tmp_path / "stats.json"
     trainer = AdapterTrainer(_datalist(samples_dir, ["mr_3mm", "ct_3mm"]), opts, tmp_path, stats_path=stats, log=print)
     # force a publication even if 2 tiny epochs do not beat the zero adapter on validation
@@ -34,11 +36,13 @@ def test_short_run_publishes_adapters_and_keeps_base_bit_identical(samples_dir, 
     for key in ("epoch", "total_epochs", "total_time", "best_metric", "train_dice", "val_dice"):
         assert key in s
     assert s["epoch"] == 2 and s["total_epochs"] == 2 and set(s["val_dice"]) >= {"box", "click1", "click3"}
+    assert "click+1" in s["train_dice"]  # a click-started batch ran its guided correction rounds
     if trainer_result.published:
         versions = published_versions(tmp_path, "2d", "litemedsam")
         assert [v for v, _ in versions] == [1]
         meta = adapter_io.read_adapter_meta(versions[0][1])
         assert meta["version"] == 1 and meta["training_images"] and "best_val_dice" in meta["metrics"]
+        assert meta["options"]["guide_corrections"] is True
         payload = adapter_io.read_adapter_file(versions[0][1])
         assert all(is_adapter_name(k) for k in payload["state_dict"])
         served = attach_adapters(build_model("litemedsam"), AdapterConfig(kind="2d"))

@@ -42,6 +42,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-resume", action="store_true", help="start from zero-initialised adapters")
     ap.add_argument("--carry-logits", action=argparse.BooleanOptionalAction, default=TrainOptions.carry_logits,
                     help="previous round's logits as the mask prompt of correction rounds")
+    ap.add_argument("--guide-corrections", action=argparse.BooleanOptionalAction, default=TrainOptions.guide_corrections,
+                    help="correction rounds after a first click also get the server's guide box")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     root = Path(args.samples)
@@ -56,7 +58,7 @@ def main(argv=None) -> int:
         resume=not args.no_resume, steps_per_epoch=args.steps_per_epoch, decoder_epochs=args.decoder_epochs,
         decoder_blocks=args.decoder_blocks, decoder_lora_rank=args.decoder_lora_rank, carry_logits=args.carry_logits,
         box_consistency=args.box_consistency, min_area=args.min_area, min_area_fraction=args.min_area_fraction,
-        protocol_clicks=args.protocol_clicks,
+        protocol_clicks=args.protocol_clicks, guide_corrections=args.guide_corrections,
     )
     result = AdapterTrainer(datalist, opts, Path(args.out), args.backbone, log=print).run()
     print(f"published: {result.published} (version {result.version})")

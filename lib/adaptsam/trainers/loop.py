@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from ..engine.allocator import keep_freed_memory
 from ..engine.click_protocol import correction_click, interior_point
 from ..engine.encoder import window_group
+from ..engine.guide_box import guide_box
 from ..engine.metrics import bounding_box, dice
 from ..engine.models import published_name, published_versions
 from ..engine.predictor import SlicePredictor
@@ -89,6 +90,9 @@ class TrainOptions:
     # from (a frozen copy, on the embeddings it computed), so that learning clicks does not
     # unlearn boxes, which the base model already answers well (0: off)
     box_consistency: float = 0.0
+    # rounds after a first click also get the guide box the server sends with correction clicks
+    # (engine/guide_box.py): the previous answer's box widened to take the positive clicks
+    guide_corrections: bool = False
 
     @classmethod
     def from_request(cls, request: Dict, kind: str) -> "TrainOptions":
@@ -243,6 +247,18 @@ class AdapterTrainer:
         box = np.array([(c0 + j(w)) * s, (r0 + j(h)) * s, (c1 + 1 + j(w)) * s - 1, (r1 + 1 + j(h)) * s - 1])
         return np.clip(box, 0, self.model.input_size - 1)
 
+    def _guide_boxes(self, hard: torch.Tensor, points: List[List[Tuple[float, float, int]]]) -> torch.Tensor:
+        """The server's guide box (engine/guide_box.py) per sample, from the previous answer on
+        the low-res grid and the positive clicks so far, in model input pixels."""
+        s = self.model.input_size / self.low_res
+        out = []
+        for i, p in enumerate(points):
+            pos = [((y + 0.5) / s - 0.5, (x + 0.5) / s - 0.5) for x, y, l in p if l == 1]
+            g = guide_box(hard[i, 0].cpu().numpy(), pos) or (0, 0, self.low_res - 1, self.low_res - 1)
+            r0, c0, r1, c1 = g
+            out.append([c0 * s, r0 * s, (c1 + 1) * s - 1, (r1 + 1) * s - 1])
+        return torch.tensor(np.clip(np.array(out), 0, self.model.input_size - 1), dtype=torch.float32)
+
     def _sample_points(self, region: torch.Tensor, n: int) -> np.ndarray:
         idx = torch.nonzero(region).numpy()
         if len(idx) == 0:
@@ -321,6 +337,8 @@ class AdapterTrainer:
                     if len(pr):
                         xy = self._to_input(pr)
                         points[i].append((float(xy[0, 0]), float(xy[0, 1]), 1 if positive else 0))
+            if not use_box and self.opt.guide_corrections:
+                boxes = self._guide_boxes(hard, points)
         return loss, dices
 
     def _batch(self, pairs, embeddings: Optional[Dict] = None) -> Tuple[torch.Tensor, torch.Tensor, List, Optional[torch.Tensor]]:
@@ -541,9 +559,10 @@ class AdapterTrainer:
 
 
 def evaluate_prompts(predictor: SlicePredictor, emb: torch.Tensor, geom, truth: np.ndarray, clicks: int = 3,
-                     carry_logits: bool = True) -> Dict[str, float]:
+                     carry_logits: bool = True, guide: bool = True) -> Dict[str, float]:
     """Dice for a box, 1 click and `clicks` clicks (protocol clicks; the previous logits as mask
-    prompt when `carry_logits`, as the server does)."""
+    prompt when `carry_logits`, and with `guide` each correction also sends the guide box, as the
+    server does)."""
     out = {}
     box = bounding_box(truth)
     out["box"] = dice(predictor.predict(emb, geom, box=box).mask, truth)
@@ -555,7 +574,9 @@ def evaluate_prompts(predictor: SlicePredictor, emb: torch.Tensor, geom, truth: 
         if c is None:
             break
         (fg if c[2] else bg).append(c[:2])
-        pred = predictor.predict(emb, geom, foreground=fg, background=bg, mask_input=pred.low_res_logits if carry_logits else None)
+        box = guide_box(pred.mask, fg) if guide else None
+        pred = predictor.predict(emb, geom, box=box, foreground=fg, background=bg,
+                                 mask_input=pred.low_res_logits if carry_logits else None)
         if n in (3, 5):
             out[f"click{n}"] = dice(pred.mask, truth)
     out.setdefault(f"click{clicks}", dice(pred.mask, truth))
