@@ -14,9 +14,11 @@ Cost on a CPU is what shapes this loop:
   largest error region). The decoder is cheap; the loss sums over all rounds. Loss: BCE + Dice,
   plus the IoU head's error (the server's propagation trusts the predicted IoU to stop).
   Optionally (`box_consistency`) a distillation term on box-only rounds against a frozen copy
-  of the model the run starts from, so that learning clicks does not unlearn boxes.
+  of the model the run starts from, so that learning clicks does not unlearn boxes; and
+  (`guide_corrections`, off: measured worse) the server's guide box in the correction rounds
+  after a first click.
 - Validation runs the serving code path (SlicePredictor on original-grid prompts) with the
-  deterministic click protocol; the best epoch by mean validation Dice is what gets published
+  deterministic click protocol and the guide box, as served; the best epoch by mean validation Dice is what gets published
   (the last epoch when there are no validation images).
 """
 
