@@ -233,14 +233,15 @@ class InteractiveSegmenter:
             geom = encoder.geometry(serving, vol, axis)
             clicks = self._clicks_by_slice(fg, bg, axis)
             t = time.perf_counter()
+            # the session's last answer on this slice: mask prompt and guide box of a correction
+            previous = session.logits.get((axis, k)) if continuing else None
             mask_in = self._mask_prompt(mask, axis, k, geom, serving)
-            if mask_in is None and continuing and self.carries_logits(serving):
-                mask_in = session.logits.get((axis, k))
+            if mask_in is None and self.carries_logits(serving):
+                mask_in = previous
             box = self._box(roi, axis) if roi is not None and roi[axis][0] <= k <= roi[axis][1] else None
             if box is None and mask is not None and not clicks.get(k):
                 box = bounding_box(take_slice(mask, axis, k))
             kfg, kbg = clicks.get(k, ([], []))
-            previous = session.logits.get((axis, k)) if continuing else None
             if box is None and mask is None and previous is not None and self.guide_corrections and (kfg or kbg):
                 box = guide_box((geom.logits_to_plane(previous[0, 0]) > 0).cpu().numpy(), kfg)
             # SAM's three ambiguity masks help the base model on a lone click; trained adapters
