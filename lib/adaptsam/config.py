@@ -34,6 +34,7 @@ class AppConfig:
     propagate: bool = True  # default request mode "volume" propagates through slices
     carry_logits: Optional[bool] = None  # corrections also get the previous logits as mask prompt; None: as trained
     guide_corrections: bool = True  # a correction click also sends the guide box (engine/guide_box.py)
+    carve_clicks: bool = True  # ... and its clicks are painted into the carried logits (engine/click_carving.py)
     adapter_2d: str = ""  # adapter file for `adaptsam`; empty: newest published
     adapter_3d: str = ""  # adapter file for `adaptsam_3d`
     num_slices: int = 5
@@ -62,6 +63,8 @@ class AppConfig:
             kw["carry_logits"] = None if c["carry_logits"].strip().lower() == "auto" else _bool(c["carry_logits"])
         if "guide_corrections" in c:
             kw["guide_corrections"] = _bool(c["guide_corrections"])
+        if "carve_clicks" in c:
+            kw["carve_clicks"] = _bool(c["carve_clicks"])
         if "adapter_2d" in c:
             kw["adapter_2d"] = c["adapter_2d"]
         if "adapter_3d" in c:

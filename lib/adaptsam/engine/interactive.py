@@ -21,6 +21,7 @@ import torch
 
 from .allocator import keep_freed_memory
 from .cache import EmbeddingCache
+from .click_carving import carve_clicks
 from .encoder import SliceEncoder
 from .errors import RequestError
 from .guide_box import guide_box
@@ -174,7 +175,7 @@ def _parse_roi(roi, shape) -> Optional[List[Tuple[int, int]]]:
 
 class InteractiveSegmenter:
     def __init__(self, runtime: Runtime, handle: ModelHandle, policy: Optional[PropagationPolicy] = None, propagate: bool = True,
-                 carry_logits: Optional[bool] = None, guide_corrections: bool = True):
+                 carry_logits: Optional[bool] = None, guide_corrections: bool = True, carve_clicks: bool = True):
         self.runtime = runtime
         self.handle = handle
         self.policy = policy or PropagationPolicy()
@@ -185,6 +186,8 @@ class InteractiveSegmenter:
         # a session's next click on a slice it already answered also sends the guide box
         # (guide_box.py) unless the request has its own box or mask
         self.guide_corrections = guide_corrections
+        # ... and the slice's clicks are painted into the carried logits (click_carving.py)
+        self.carve_clicks = carve_clicks
         runtime.handles[handle.kind] = handle
 
     def carries_logits(self, serving: ServingModel) -> bool:
@@ -235,13 +238,13 @@ class InteractiveSegmenter:
             t = time.perf_counter()
             # the session's last answer on this slice: mask prompt and guide box of a correction
             previous = session.logits.get((axis, k)) if continuing else None
+            kfg, kbg = clicks.get(k, ([], []))
             mask_in = self._mask_prompt(mask, axis, k, geom, serving)
-            if mask_in is None and self.carries_logits(serving):
-                mask_in = previous
+            if mask_in is None and previous is not None and self.carries_logits(serving):
+                mask_in = carve_clicks(previous, geom, kfg, kbg) if self.carve_clicks else previous
             box = self._box(roi, axis) if roi is not None and roi[axis][0] <= k <= roi[axis][1] else None
             if box is None and mask is not None and not clicks.get(k):
                 box = bounding_box(take_slice(mask, axis, k))
-            kfg, kbg = clicks.get(k, ([], []))
             if box is None and mask is None and previous is not None and self.guide_corrections and (kfg or kbg):
                 box = guide_box((geom.logits_to_plane(previous[0, 0]) > 0).cpu().numpy(), kfg)
             # SAM's three ambiguity masks help the base model on a lone click; trained adapters

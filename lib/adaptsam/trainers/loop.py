@@ -18,7 +18,8 @@ Cost on a CPU is what shapes this loop:
   (`guide_corrections`, off: measured worse) the server's guide box in the correction rounds
   after a first click.
 - Validation runs the serving code path (SlicePredictor on original-grid prompts) with the
-  deterministic click protocol and the guide box, as served; the best epoch by mean validation Dice is what gets published
+  deterministic click protocol, the guide box and the clicks carved into the carried logits, as
+  served; the best epoch by mean validation Dice is what gets published
   (the last epoch when there are no validation images).
 """
 
@@ -41,6 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from ..engine.allocator import keep_freed_memory
+from ..engine.click_carving import carve_clicks
 from ..engine.click_protocol import correction_click, interior_point
 from ..engine.encoder import window_group
 from ..engine.guide_box import guide_box
@@ -561,10 +563,10 @@ class AdapterTrainer:
 
 
 def evaluate_prompts(predictor: SlicePredictor, emb: torch.Tensor, geom, truth: np.ndarray, clicks: int = 3,
-                     carry_logits: bool = True, guide: bool = True) -> Dict[str, float]:
+                     carry_logits: bool = True, guide: bool = True, carve: bool = True) -> Dict[str, float]:
     """Dice for a box, 1 click and `clicks` clicks (protocol clicks; the previous logits as mask
-    prompt when `carry_logits`, and with `guide` each correction also sends the guide box, as the
-    server does)."""
+    prompt when `carry_logits`, with the clicks carved into it when `carve`, and with `guide`
+    each correction also sends the guide box: as the server does)."""
     out = {}
     box = bounding_box(truth)
     out["box"] = dice(predictor.predict(emb, geom, box=box).mask, truth)
@@ -577,8 +579,10 @@ def evaluate_prompts(predictor: SlicePredictor, emb: torch.Tensor, geom, truth: 
             break
         (fg if c[2] else bg).append(c[:2])
         box = guide_box(pred.mask, fg) if guide else None
-        pred = predictor.predict(emb, geom, box=box, foreground=fg, background=bg,
-                                 mask_input=pred.low_res_logits if carry_logits else None)
+        mask_in = None
+        if carry_logits:
+            mask_in = carve_clicks(pred.low_res_logits, geom, fg, bg) if carve else pred.low_res_logits
+        pred = predictor.predict(emb, geom, box=box, foreground=fg, background=bg, mask_input=mask_in)
         if n in (3, 5):
             out[f"click{n}"] = dice(pred.mask, truth)
     out.setdefault(f"click{clicks}", dice(pred.mask, truth))
