@@ -20,9 +20,10 @@ def _datalist(samples_dir, ids):
 
 
 def test_short_run_publishes_adapters_and_keeps_base_bit_identical(samples_dir, tmp_path, base_model):
-    # with the guide box in the correction rounds after a first click, as the server sends it
+    # with the guide box in the correction rounds after a first click and the clicks carved into
+    # the carried logits, as the server does
     opts = TrainOptions(kind="2d", max_epochs=2, steps_per_epoch=2, train_batch_size=2, val_split=0.5, val_pairs=6, seed=1,
-                        guide_corrections=True)
+                        guide_corrections=True, carve_clicks=True)
     stats = tmp_path / "stats.json"
     trainer = AdapterTrainer(_datalist(samples_dir, ["mr_3mm", "ct_3mm"]), opts, tmp_path, stats_path=stats, log=print)
     # force a publication even if 2 tiny epochs do not beat the zero adapter on validation
@@ -42,12 +43,20 @@ def test_short_run_publishes_adapters_and_keeps_base_bit_identical(samples_dir, 
         assert [v for v, _ in versions] == [1]
         meta = adapter_io.read_adapter_meta(versions[0][1])
         assert meta["version"] == 1 and meta["training_images"] and "best_val_dice" in meta["metrics"]
-        assert meta["options"]["guide_corrections"] is True
+        assert meta["options"]["guide_corrections"] is True and meta["options"]["carve_clicks"] is True
         payload = adapter_io.read_adapter_file(versions[0][1])
         assert all(is_adapter_name(k) for k in payload["state_dict"])
         served = attach_adapters(build_model("litemedsam"), AdapterConfig(kind="2d"))
         adapter_io.load_adapters(versions[0][1], served)
     assert not list(tmp_path.glob("*.tmp"))
+    # the training-side carving lands where the click is: a positive click at the middle of the
+    # model input on all-background logits paints the middle of the low-res grid, nothing far off
+    low = trainer.low_res
+    logits = torch.full((2, 1, low, low), -5.0)
+    carved = trainer._carved(logits, [[(128.0, 128.0, 1)], [(8.0, 8.0, 0)]])
+    assert carved[0, 0, low // 2, low // 2] > 0 and carved[0, 0, 0, 0] == -5.0 and carved[0, 0, -1, -1] == -5.0
+    assert carved[1, 0, 1, 1] < -5.0 and carved[1, 0, low // 2, low // 2] == -5.0
+    assert torch.all(logits == -5.0)
 
 
 def test_trainer_moves_adapters_in_a_single_step(samples_dir, tmp_path):

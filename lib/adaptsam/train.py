@@ -44,6 +44,8 @@ def main(argv=None) -> int:
                     help="previous round's logits as the mask prompt of correction rounds")
     ap.add_argument("--guide-corrections", action=argparse.BooleanOptionalAction, default=TrainOptions.guide_corrections,
                     help="correction rounds after a first click also get the server's guide box")
+    ap.add_argument("--carve-clicks", action=argparse.BooleanOptionalAction, default=TrainOptions.carve_clicks,
+                    help="correction rounds carve the clicks into the carried logits, as the server does")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     root = Path(args.samples)
@@ -59,6 +61,7 @@ def main(argv=None) -> int:
         decoder_blocks=args.decoder_blocks, decoder_lora_rank=args.decoder_lora_rank, carry_logits=args.carry_logits,
         box_consistency=args.box_consistency, min_area=args.min_area, min_area_fraction=args.min_area_fraction,
         protocol_clicks=args.protocol_clicks, guide_corrections=args.guide_corrections,
+        carve_clicks=args.carve_clicks,
     )
     result = AdapterTrainer(datalist, opts, Path(args.out), args.backbone, log=print).run()
     print(f"published: {result.published} (version {result.version})")

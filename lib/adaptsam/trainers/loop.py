@@ -16,7 +16,8 @@ Cost on a CPU is what shapes this loop:
   Optionally (`box_consistency`) a distillation term on box-only rounds against a frozen copy
   of the model the run starts from, so that learning clicks does not unlearn boxes; and
   (`guide_corrections`, off: measured worse) the server's guide box in the correction rounds
-  after a first click.
+  after a first click; and (`carve_clicks`, off: a run alone measured worse, averaged with the
+  run it started from better) the clicks carved into the carried logits, as served.
 - Validation runs the serving code path (SlicePredictor on original-grid prompts) with the
   deterministic click protocol, the guide box and the clicks carved into the carried logits, as
   served; the best epoch by mean validation Dice is what gets published
@@ -49,6 +50,7 @@ from ..engine.guide_box import guide_box
 from ..engine.metrics import bounding_box, dice
 from ..engine.models import published_name, published_versions
 from ..engine.predictor import SlicePredictor
+from ..engine.preprocess import SliceGeometry
 from ..model import adapter_io
 from ..model.adapters import AdapterConfig, adapter_state_dict, attach_adapters, is_adapter_name, set_adapter_training_mode
 from ..model.backbones import build_model
@@ -97,6 +99,9 @@ class TrainOptions:
     # rounds after a first click also get the guide box the server sends with correction clicks
     # (engine/guide_box.py): the previous answer's box widened to take the positive clicks
     guide_corrections: bool = False
+    # the clicks are carved into the carried logits of each correction round
+    # (engine/click_carving.py), as the server does
+    carve_clicks: bool = False
 
     @classmethod
     def from_request(cls, request: Dict, kind: str) -> "TrainOptions":
@@ -263,6 +268,17 @@ class AdapterTrainer:
             out.append([c0 * s, r0 * s, (c1 + 1) * s - 1, (r1 + 1) * s - 1])
         return torch.tensor(np.clip(np.array(out), 0, self.model.input_size - 1), dtype=torch.float32)
 
+    def _carved(self, logits: torch.Tensor, points: List[List[Tuple[float, float, int]]]) -> torch.Tensor:
+        """Each sample's clicks (model input pixels) carved into its low-res logits, as served."""
+        s = self.model.input_size / self.low_res
+        grid = SliceGeometry.fit(self.low_res, self.low_res, self.model.input_size)  # low-res pixels as the slice
+        out = []
+        for i, p in enumerate(points):
+            rc = [((y + 0.5) / s - 0.5, (x + 0.5) / s - 0.5, l) for x, y, l in p]
+            out.append(carve_clicks(logits[i : i + 1].cpu(), grid, [(r, c) for r, c, l in rc if l == 1],
+                                    [(r, c) for r, c, l in rc if l == 0]))
+        return torch.cat(out).to(logits.device)
+
     def _sample_points(self, region: torch.Tensor, n: int) -> np.ndarray:
         idx = torch.nonzero(region).numpy()
         if len(idx) == 0:
@@ -343,6 +359,8 @@ class AdapterTrainer:
                         points[i].append((float(xy[0, 0]), float(xy[0, 1]), 1 if positive else 0))
             if not use_box and self.opt.guide_corrections:
                 boxes = self._guide_boxes(hard, points)
+            if mask_in is not None and self.opt.carve_clicks:
+                mask_in = self._carved(mask_in, points)
         return loss, dices
 
     def _batch(self, pairs, embeddings: Optional[Dict] = None) -> Tuple[torch.Tensor, torch.Tensor, List, Optional[torch.Tensor]]:
