@@ -8,8 +8,9 @@ For every object of the reference (silver) label with a large enough largest sli
   error region; the previous logits as mask prompt where the server gives them, i.e. unless the
   adapter was trained without; --carry-logits / --no-carry-logits force it; the clicks carved
   into those logits, engine/click_carving.py, unless --no-carve-clicks; each correction with the
-  server's guide box, engine/guide_box.py, unless --no-guide-corrections), through the serving
-  code path;
+  server's guide box, engine/guide_box.py, unless --no-guide-corrections; an adapter's first
+  click answered through boxes around it, engine/first_click.py, unless --no-first-click-boxes),
+  through the serving code path;
 - volume Dice after propagation from that slice's box (the server's `volume` mode).
 Models: the base model, the newest shipped 2D adapter and the newest shipped 3D adapter in
 model_weights/ (or --weights). The shipped adapters were trained on ct_3mm and mr_3mm only,
@@ -63,14 +64,15 @@ def parse_image(spec: str) -> Tuple[str, slice]:
 
 
 def evaluate(spec: str, samples_dir: Path, handle: ModelHandle, runtime: Runtime, log, carry_logits: Optional[bool] = None,
-             guide: bool = True, carve: bool = True) -> list:
+             guide: bool = True, carve: bool = True, first_boxes: bool = True) -> list:
     image_id, part = parse_image(spec)
     label, _, names = samples.load_reference(samples_dir, image_id)
     inside = np.zeros(label.shape[2], dtype=bool)
     inside[part] = True
     label = np.where(inside[None, None, :], label, 0)
     path = str(samples.image_path(samples_dir, image_id))
-    seg = InteractiveSegmenter(runtime, handle, carry_logits=carry_logits, guide_corrections=guide, carve_clicks=carve)
+    seg = InteractiveSegmenter(runtime, handle, carry_logits=carry_logits, guide_corrections=guide, carve_clicks=carve,
+                               first_click_boxes=first_boxes)
     serving = runtime.serving(handle)
     vol, key = runtime.volumes.get(path, image_id)
     rows = []
@@ -86,7 +88,8 @@ def evaluate(spec: str, samples_dir: Path, handle: ModelHandle, runtime: Runtime
         emb, _ = runtime.encoder.embedding(serving, vol, key, 2, k, window)
         geom = runtime.encoder.geometry(serving, vol, 2)
         scores = evaluate_prompts(SlicePredictor(serving.model), emb, geom, truth, clicks=5, carry_logits=seg.carries_logits(serving),
-                                  guide=seg.guide_corrections, carve=seg.carve_clicks)
+                                  guide=seg.guide_corrections, carve=seg.carve_clicks,
+                                  first_boxes=seg.first_click_boxes and serving.version > 0)
         r0, c0, r1, c1 = bounding_box(truth3d[:, :, k])
         res = seg.segment(SegmentRequest(path, image_id, label=name, roi=[r0, r1, c0, c1, k, k], mode="volume", client_id=f"q-{name}"))
         scores["volume_box"] = dice(res.label[:, :, inside] > 0, truth3d[:, :, inside])
@@ -107,6 +110,8 @@ def main(argv=None) -> int:
                     help="corrections also send the server's guide box (as the server does by default)")
     ap.add_argument("--carve-clicks", action=argparse.BooleanOptionalAction, default=True,
                     help="the clicks are painted into the carried logits (as the server does by default)")
+    ap.add_argument("--first-click-boxes", action=argparse.BooleanOptionalAction, default=True,
+                    help="an adapter's first click is answered through boxes around it (as the server does by default)")
     ap.add_argument("--no-base", action="store_true", help="skip the base model (no box check)")
     args = ap.parse_args(argv)
     keep_freed_memory()  # before the model loads (engine/allocator.py)
@@ -120,7 +125,7 @@ def main(argv=None) -> int:
         runtime = Runtime(4 << 30)
         print(f"{name}:")
         rows = [r for image in args.images.split(",") for r in evaluate(image, root, handle, runtime, print, args.carry_logits, args.guide_corrections,
-                                                                      args.carve_clicks)]
+                                                                      args.carve_clicks, args.first_click_boxes)]
         keys = [k for k in rows[0] if k not in ("image", "object", "slice")]
         summary = {k: round(float(np.mean([r[k] for r in rows if k in r])), 4) for k in keys}
         results["models"][name] = {"summary": summary, "objects": rows}
@@ -128,6 +133,7 @@ def main(argv=None) -> int:
     results["carry_logits"] = args.carry_logits
     results["guide_corrections"] = args.guide_corrections
     results["carve_clicks"] = args.carve_clicks
+    results["first_click_boxes"] = args.first_click_boxes
     base = results["models"].get("base", {}).get("summary")
     checks = {}
     for name, r in results["models"].items():

@@ -16,6 +16,7 @@ import torch
 from adaptsam import samples
 from adaptsam.engine.click_carving import carve_clicks
 from adaptsam.engine.click_protocol import correction_click, interior_point
+from adaptsam.engine.first_click import answer_lone_click
 from adaptsam.engine.guide_box import guide_box
 from adaptsam.engine.interactive import InteractiveSegmenter, Runtime, SegmentRequest
 from adaptsam.engine.metrics import bounding_box, dice, largest_slice
@@ -86,7 +87,7 @@ def test_a_correction_click_also_sends_the_guide_box(runtime, samples_dir):
     predictor = SlicePredictor(serving.model)
     pfg = [voxel_to_plane(c, 2)[1:] for c in fg]
     pbg = [voxel_to_plane(c, 2)[1:] for c in bg]
-    one = predictor.predict(emb, geom, foreground=pfg[:1])
+    one = answer_lone_click(predictor, emb, geom, pfg[0])  # the first click, through boxes around it
     plane_first = take_slice(first[:, :, None], 2, 0)
     assert np.array_equal(one.mask, plane_first)
     box = guide_box(one.mask, pfg)

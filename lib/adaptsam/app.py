@@ -70,6 +70,7 @@ class AdaptSamAppBase:
                 self._segmenters[kind] = InteractiveSegmenter(
                     self._runtime, handle, propagate=self.config.propagate, carry_logits=self.config.carry_logits,
                     guide_corrections=self.config.guide_corrections, carve_clicks=self.config.carve_clicks,
+                    first_click_boxes=self.config.first_click_boxes,
                 )
             return self._segmenters[kind]
 

@@ -35,6 +35,7 @@ class AppConfig:
     carry_logits: Optional[bool] = None  # corrections also get the previous logits as mask prompt; None: as trained
     guide_corrections: bool = True  # a correction click also sends the guide box (engine/guide_box.py)
     carve_clicks: bool = True  # ... and its clicks are painted into the carried logits (engine/click_carving.py)
+    first_click_boxes: bool = True  # a lone first click is answered through boxes around it (engine/first_click.py)
     adapter_2d: str = ""  # adapter file for `adaptsam`; empty: newest published
     adapter_3d: str = ""  # adapter file for `adaptsam_3d`
     num_slices: int = 5
@@ -65,6 +66,8 @@ class AppConfig:
             kw["guide_corrections"] = _bool(c["guide_corrections"])
         if "carve_clicks" in c:
             kw["carve_clicks"] = _bool(c["carve_clicks"])
+        if "first_click_boxes" in c:
+            kw["first_click_boxes"] = _bool(c["first_click_boxes"])
         if "adapter_2d" in c:
             kw["adapter_2d"] = c["adapter_2d"]
         if "adapter_3d" in c:

@@ -22,6 +22,7 @@ import torch
 from .allocator import keep_freed_memory
 from .cache import EmbeddingCache
 from .click_carving import carve_clicks
+from .first_click import answer_lone_click
 from .encoder import SliceEncoder
 from .errors import RequestError
 from .guide_box import guide_box
@@ -175,7 +176,8 @@ def _parse_roi(roi, shape) -> Optional[List[Tuple[int, int]]]:
 
 class InteractiveSegmenter:
     def __init__(self, runtime: Runtime, handle: ModelHandle, policy: Optional[PropagationPolicy] = None, propagate: bool = True,
-                 carry_logits: Optional[bool] = None, guide_corrections: bool = True, carve_clicks: bool = True):
+                 carry_logits: Optional[bool] = None, guide_corrections: bool = True, carve_clicks: bool = True,
+                 first_click_boxes: bool = True):
         self.runtime = runtime
         self.handle = handle
         self.policy = policy or PropagationPolicy()
@@ -188,6 +190,8 @@ class InteractiveSegmenter:
         self.guide_corrections = guide_corrections
         # ... and the slice's clicks are painted into the carried logits (click_carving.py)
         self.carve_clicks = carve_clicks
+        # an adapter's answer to a lone first click is chosen among boxes around it (first_click.py)
+        self.first_click_boxes = first_click_boxes
         runtime.handles[handle.kind] = handle
 
     def carries_logits(self, serving: ServingModel) -> bool:
@@ -249,8 +253,12 @@ class InteractiveSegmenter:
                 box = guide_box((geom.logits_to_plane(previous[0, 0]) > 0).cpu().numpy(), kfg)
             # SAM's three ambiguity masks help the base model on a lone click; trained adapters
             # learnt (and were measured) on the single output, so they keep it.
-            single_click = serving.version == 0 and box is None and mask_in is None and len(kfg) + len(kbg) == 1
-            pred = predictor.predict(emb, geom, box=box, foreground=kfg, background=kbg, mask_input=mask_in, multimask=single_click)
+            single_click = box is None and mask_in is None and len(kfg) + len(kbg) == 1
+            if single_click and kfg and serving.version > 0 and self.first_click_boxes:
+                pred = answer_lone_click(predictor, emb, geom, kfg[0])
+            else:
+                pred = predictor.predict(emb, geom, box=box, foreground=kfg, background=kbg, mask_input=mask_in,
+                                         multimask=single_click and serving.version == 0)
             timings["decode"] = time.perf_counter() - t
             preds = {k: pred}
 

@@ -44,6 +44,7 @@ import torch.nn.functional as F
 
 from ..engine.allocator import keep_freed_memory
 from ..engine.click_carving import carve_clicks
+from ..engine.first_click import answer_lone_click
 from ..engine.click_protocol import correction_click, interior_point
 from ..engine.encoder import window_group
 from ..engine.guide_box import guide_box
@@ -581,15 +582,17 @@ class AdapterTrainer:
 
 
 def evaluate_prompts(predictor: SlicePredictor, emb: torch.Tensor, geom, truth: np.ndarray, clicks: int = 3,
-                     carry_logits: bool = True, guide: bool = True, carve: bool = True) -> Dict[str, float]:
-    """Dice for a box, 1 click and `clicks` clicks (protocol clicks; the previous logits as mask
-    prompt when `carry_logits`, with the clicks carved into it when `carve`, and with `guide`
-    each correction also sends the guide box: as the server does)."""
+                     carry_logits: bool = True, guide: bool = True, carve: bool = True,
+                     first_boxes: bool = True) -> Dict[str, float]:
+    """Dice for a box, 1 click and `clicks` clicks (protocol clicks; the first one answered
+    through boxes around it when `first_boxes`; the previous logits as mask prompt when
+    `carry_logits`, with the clicks carved into it when `carve`, and with `guide` each
+    correction also sends the guide box: as the server does for an adapter)."""
     out = {}
     box = bounding_box(truth)
     out["box"] = dice(predictor.predict(emb, geom, box=box).mask, truth)
     fg, bg = [interior_point(truth)], []
-    pred = predictor.predict(emb, geom, foreground=fg)
+    pred = answer_lone_click(predictor, emb, geom, fg[0]) if first_boxes else predictor.predict(emb, geom, foreground=fg)
     out["click1"] = dice(pred.mask, truth)
     for n in range(2, clicks + 1):
         c = correction_click(pred.mask, truth)
