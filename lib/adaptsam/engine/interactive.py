@@ -22,9 +22,9 @@ import torch
 from .allocator import keep_freed_memory
 from .cache import EmbeddingCache
 from .click_carving import carve_clicks
-from .first_click import answer_lone_click
 from .encoder import SliceEncoder
 from .errors import RequestError
+from .first_click import answer_lone_click
 from .guide_box import guide_box
 from .metrics import bounding_box
 from .models import ModelHandle, ServingModel
@@ -251,8 +251,8 @@ class InteractiveSegmenter:
                 box = bounding_box(take_slice(mask, axis, k))
             if box is None and mask is None and previous is not None and self.guide_corrections and (kfg or kbg):
                 box = guide_box((geom.logits_to_plane(previous[0, 0]) > 0).cpu().numpy(), kfg)
-            # SAM's three ambiguity masks help the base model on a lone click; trained adapters
-            # learnt (and were measured) on the single output, so they keep it.
+            # a lone click: the base model picks among SAM's three ambiguity masks; adapters learnt
+            # (and were measured) on the single output and answer through boxes around it instead
             single_click = box is None and mask_in is None and len(kfg) + len(kbg) == 1
             if single_click and kfg and serving.version > 0 and self.first_click_boxes:
                 pred = answer_lone_click(predictor, emb, geom, kfg[0])

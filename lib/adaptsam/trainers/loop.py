@@ -44,9 +44,9 @@ import torch.nn.functional as F
 
 from ..engine.allocator import keep_freed_memory
 from ..engine.click_carving import carve_clicks
-from ..engine.first_click import answer_lone_click
 from ..engine.click_protocol import correction_click, interior_point
 from ..engine.encoder import window_group
+from ..engine.first_click import answer_lone_click
 from ..engine.guide_box import guide_box
 from ..engine.metrics import bounding_box, dice
 from ..engine.models import published_name, published_versions
