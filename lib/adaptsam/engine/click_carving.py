@@ -54,18 +54,29 @@ def carve_clicks(logits: torch.Tensor, geom: SliceGeometry, foreground: Sequence
     """The mask prompt for the next decoder pass: `logits` (1, 1, L, L), the previous answer's
     low-res logits, with a disc around each click (slice pixels (row, col)) set to +-CARVED_LOGIT.
     Returns a new tensor; `logits` is left as it was."""
+    if not len(foreground) and not len(background):
+        return logits.detach().clone()
+    rc = np.concatenate([np.asarray(background, float).reshape(-1, 2), np.asarray(foreground, float).reshape(-1, 2)])
+    positive = np.array([False] * len(background) + [True] * len(foreground))
+    return carve_model_points(logits, geom.points_to_model(rc), positive, geom.size, min_radius, max_radius)
+
+
+def carve_model_points(logits: torch.Tensor, xy: np.ndarray, positive: np.ndarray, input_size: int,
+                       min_radius: float = MIN_RADIUS, max_radius: float = MAX_RADIUS) -> torch.Tensor:
+    """carve_clicks for clicks already in model input pixels (x, y), as the trainer simulates
+    them; `positive` (bool per click). Negative clicks are painted first, so a positive one wins
+    where both reach."""
     size = logits.shape[-1]
     out = logits.detach().clone()
-    if not len(foreground) and not len(background):
+    if not len(xy):
         return out
+    order = np.argsort(positive, kind="stable")  # background first
+    xy = (np.asarray(xy, np.float64)[order] + 0.5) * (size / input_size) - 0.5  # low-res, pixel-centre convention
+    values = np.where(np.asarray(positive)[order], CARVED_LOGIT, -CARVED_LOGIT)
     previous = (out[0, 0] > 0).cpu().numpy()
     grid = torch.arange(size, dtype=torch.float32)
-    scale = size / geom.size  # model input pixels -> low-res pixels
-    values = [-CARVED_LOGIT] * len(background) + [CARVED_LOGIT] * len(foreground)  # positives painted last
-    rc = np.concatenate([np.asarray(background, float).reshape(-1, 2), np.asarray(foreground, float).reshape(-1, 2)])
-    xy = (geom.points_to_model(rc).astype(np.float64) + 0.5) * scale - 0.5  # pixel-centre convention
     cells = np.clip(np.rint(xy[:, ::-1]), 0, size - 1).astype(int)  # (row, col) on the low-res grid
     for (cx, cy), r, value in zip(xy, click_radii(previous, cells, min_radius, max_radius), values):
         disc = (grid[:, None] - cy) ** 2 + (grid[None, :] - cx) ** 2 <= r * r
-        out[0, 0][disc.to(out.device)] = value
+        out[0, 0][disc.to(out.device)] = float(value)
     return out

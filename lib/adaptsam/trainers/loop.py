@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from ..engine.allocator import keep_freed_memory
-from ..engine.click_carving import carve_clicks
+from ..engine.click_carving import carve_clicks, carve_model_points
 from ..engine.click_protocol import correction_click, interior_point
 from ..engine.encoder import window_group
 from ..engine.first_click import answer_lone_click
@@ -51,7 +51,6 @@ from ..engine.guide_box import guide_box
 from ..engine.metrics import bounding_box, dice
 from ..engine.models import published_name, published_versions
 from ..engine.predictor import SlicePredictor
-from ..engine.preprocess import SliceGeometry
 from ..model import adapter_io
 from ..model.adapters import AdapterConfig, adapter_state_dict, attach_adapters, is_adapter_name, set_adapter_training_mode
 from ..model.backbones import build_model
@@ -271,13 +270,11 @@ class AdapterTrainer:
 
     def _carved(self, logits: torch.Tensor, points: List[List[Tuple[float, float, int]]]) -> torch.Tensor:
         """Each sample's clicks (model input pixels) carved into its low-res logits, as served."""
-        s = self.model.input_size / self.low_res
-        grid = SliceGeometry.fit(self.low_res, self.low_res, self.model.input_size)  # low-res pixels as the slice
         out = []
         for i, p in enumerate(points):
-            rc = [((y + 0.5) / s - 0.5, (x + 0.5) / s - 0.5, l) for x, y, l in p]
-            out.append(carve_clicks(logits[i : i + 1].cpu(), grid, [(r, c) for r, c, l in rc if l == 1],
-                                    [(r, c) for r, c, l in rc if l == 0]))
+            xy = np.array([(x, y) for x, y, _ in p], dtype=np.float64).reshape(-1, 2)
+            positive = np.array([label == 1 for _, _, label in p], dtype=bool)
+            out.append(carve_model_points(logits[i : i + 1].cpu(), xy, positive, self.model.input_size))
         return torch.cat(out).to(logits.device)
 
     def _sample_points(self, region: torch.Tensor, n: int) -> np.ndarray:
