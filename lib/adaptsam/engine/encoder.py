@@ -98,7 +98,7 @@ class SliceEncoder:
 
     def geometry(self, serving: ServingModel, volume: Volume, axis: int) -> SliceGeometry:
         rows, cols = plane_shape(volume.shape, axis)
-        return SliceGeometry.fit(rows, cols, serving.model.input_size, volume.plane_spacing(axis))
+        return SliceGeometry.fit(rows, cols, serving.model.input_size, volume.plane_spacing(axis), volume.display_flips(axis))
 
     def embedding(self, serving: ServingModel, volume: Volume, image: str, axis: int, index: int, window) -> Tuple[torch.Tensor, bool]:
         """(embedding (1, C, h, w), was_cached) for one slice; computes its window on a miss."""

@@ -6,10 +6,18 @@ sample CT's liver/spleen from 0.962/0.939 to 0.982/0.973), MR to its 0.5-99.5 pe
 as uint8, the same quantisation MedSAM/LiteMedSAM were trained on (and 4x less memory than
 float32 for a cached volume).
 
-Geometry: a 2D slice is resized so its longest physical side fills the model input (aspect
+Geometry: a 2D slice is first turned to the radiological display orientation (flips only; see
+`display_flips`), then resized so its longest physical side fills the model input (aspect
 ratio kept, using the in-plane spacing), padded bottom/right, repeated to 3 channels. The
 per-axis scales are the *realised* ones (new_size / old_size after rounding), and the same
 numbers map prompts forward and logits back, so the two directions are exact inverses.
+
+Why the flips: the model sees anatomy, not voxel order. A NIfTI stored RAS (as converters often
+write it) shows an axial slice with the spine at the top and the patient's left on the left;
+DICOM's LPS order shows it as radiologists read it. LiteMedSAM and the held-out CT see the
+latter, and a model trained on one and served the other loses at the first click (2D v3 on the
+held-out CT turned 180 degrees: 0.663 -> 0.622). Turning every slice to one display orientation
+before the model makes what it learns independent of how the file was stored.
 """
 
 from __future__ import annotations
@@ -108,6 +116,26 @@ def put_slice(volume: np.ndarray, axis: int, index: int, plane: np.ndarray) -> N
     volume[tuple(idx)] = plane.T
 
 
+# the direction rows and columns run in, per world axis (LPS: x to the patient's left, y to
+# the back, z up): left to the right of the screen, back at the bottom, feet at the bottom
+DISPLAY_SIGN_LPS = (1.0, 1.0, -1.0)
+
+
+def display_flips(affine: np.ndarray, axis: int) -> Tuple[bool, bool]:
+    """(flip rows, flip cols) that turn `take_slice`'s plane normal to `axis` into the
+    radiological display orientation: an axial slice with the patient's front at the top and
+    left on the right (as DICOM's LPS order stores it), a coronal or sagittal one head up.
+    `affine` maps voxels to RAS (NIfTI's convention). Oblique axes follow the world axis they
+    run closest to."""
+    lps = np.diag([-1.0, -1.0, 1.0]) @ np.asarray(affine, dtype=np.float64)[:3, :3]
+    out = []
+    for voxel_axis in in_plane_axes(axis):
+        direction = lps[:, voxel_axis]
+        world = int(np.argmax(np.abs(direction)))
+        out.append(bool(np.sign(direction[world]) != DISPLAY_SIGN_LPS[world]))
+    return out[0], out[1]
+
+
 def voxel_to_plane(voxel: Sequence[int], axis: int) -> Tuple[int, int, int]:
     """Voxel [i, j, k] -> (slice index, row, col) for slices normal to `axis`."""
     row_axis, col_axis = in_plane_axes(axis)
@@ -125,14 +153,24 @@ class SliceGeometry:
     size: int
     new_rows: int
     new_cols: int
+    flip_rows: bool = False  # the slice is shown upside down before resizing (display_flips)
+    flip_cols: bool = False
 
     @classmethod
-    def fit(cls, rows: int, cols: int, size: int, spacing: Tuple[float, float] = (1.0, 1.0)) -> "SliceGeometry":
+    def fit(cls, rows: int, cols: int, size: int, spacing: Tuple[float, float] = (1.0, 1.0),
+            flips: Tuple[bool, bool] = (False, False), min_field: float = 0.0) -> "SliceGeometry":
+        """`min_field`: the model input's side stands for at least this physical extent (the
+        trainer renders small fields of view as a larger one would show them; 0: the slice's own)."""
         extent_r, extent_c = rows * float(spacing[0]), cols * float(spacing[1])
-        s = size / max(extent_r, extent_c)
+        s = size / max(extent_r, extent_c, float(min_field))
         new_r = min(size, max(1, int(round(extent_r * s))))
         new_c = min(size, max(1, int(round(extent_c * s))))
-        return cls(rows, cols, size, new_r, new_c)
+        return cls(rows, cols, size, new_r, new_c, bool(flips[0]), bool(flips[1]))
+
+    def _flip(self, x: torch.Tensor) -> torch.Tensor:
+        """Flip the last two dims of `x` (a plane or its logits) to or from display orientation."""
+        dims = [d for d, f in ((-2, self.flip_rows), (-1, self.flip_cols)) if f]
+        return torch.flip(x, dims) if dims else x
 
     @property
     def scale_rows(self) -> float:
@@ -144,7 +182,7 @@ class SliceGeometry:
 
     def image_to_model(self, plane01: torch.Tensor) -> torch.Tensor:
         """(rows, cols) float in [0, 1] -> (3, size, size)."""
-        x = plane01[None, None].float()
+        x = self._flip(plane01[None, None].float())
         if (self.new_rows, self.new_cols) != (self.rows, self.cols):
             x = F.interpolate(x, (self.new_rows, self.new_cols), mode="bilinear", align_corners=False, antialias=True)
         x = F.pad(x, (0, self.size - self.new_cols, 0, self.size - self.new_rows))
@@ -157,12 +195,19 @@ class SliceGeometry:
         coordinates, and SAM's prompt encoder adds the 0.5 back.
         """
         rc = np.asarray(rows_cols, dtype=np.float64).reshape(-1, 2)
+        if self.flip_rows or self.flip_cols:
+            rc = np.stack([self.rows - 1 - rc[:, 0] if self.flip_rows else rc[:, 0],
+                           self.cols - 1 - rc[:, 1] if self.flip_cols else rc[:, 1]], axis=1)
         y = (rc[:, 0] + 0.5) * self.scale_rows - 0.5
         x = (rc[:, 1] + 0.5) * self.scale_cols - 0.5
         return np.stack([x, y], axis=1).astype(np.float32)
 
     def box_to_model(self, r0: float, c0: float, r1: float, c1: float) -> np.ndarray:
         """Inclusive pixel box -> (x0, y0, x1, y1) in model pixels (MedSAM scales corners)."""
+        if self.flip_rows:
+            r0, r1 = self.rows - 1 - r1, self.rows - 1 - r0
+        if self.flip_cols:
+            c0, c1 = self.cols - 1 - c1, self.cols - 1 - c0
         return np.array(
             [c0 * self.scale_cols, r0 * self.scale_rows, c1 * self.scale_cols, r1 * self.scale_rows], dtype=np.float32
         )
@@ -176,11 +221,11 @@ class SliceGeometry:
         x = x[..., : self.new_rows, : self.new_cols]
         if (self.new_rows, self.new_cols) != (self.rows, self.cols):
             x = F.interpolate(x, (self.rows, self.cols), mode="bilinear", align_corners=False)
-        return x.reshape(lead + (self.rows, self.cols))
+        return self._flip(x).reshape(lead + (self.rows, self.cols))
 
     def mask_to_model(self, plane_mask: torch.Tensor, out: int) -> torch.Tensor:
         """(rows, cols) mask or logits -> (1, 1, out, out) on the low-res grid (mask prompt)."""
-        x = plane_mask[None, None].float()
+        x = self._flip(plane_mask[None, None].float())
         r = max(1, int(round(self.new_rows * out / self.size)))
         c = max(1, int(round(self.new_cols * out / self.size)))
         x = F.interpolate(x, (r, c), mode="bilinear", align_corners=False)

@@ -2,8 +2,9 @@
 
 Slicer and OHIF send clicks as voxel indices [i, j, k] of the image as stored (ITK IJK);
 nibabel's array for NIfTI and SimpleITK's array transposed to (i, j, k) for other formats
-both index that way, and no reorientation is applied anywhere, so a click lands on the voxel
-the user saw.
+both index that way, and no reorientation is applied to the data, so a click lands on the voxel
+the user saw (the model is shown each slice in display orientation through SliceGeometry's flips,
+and everything it answers is mapped back).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Optional, Tuple
 
 import numpy as np
 
-from .preprocess import guess_modality, in_plane_axes, intensity_window, normalize_volume, take_slice
+from .preprocess import display_flips, guess_modality, in_plane_axes, intensity_window, normalize_volume, take_slice
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
@@ -65,6 +66,11 @@ class Volume:
         r, c = in_plane_axes(axis)
         sp = self.spacing
         return float(sp[r]), float(sp[c])
+
+    def display_flips(self, axis: int) -> Tuple[bool, bool]:
+        """(flip rows, flip cols) that show this volume's slices normal to `axis` as radiologists
+        read them, whatever the storage order (preprocess.display_flips)."""
+        return display_flips(self.affine, axis)
 
     def window(self, label: Optional[str] = None) -> Tuple[float, float]:
         if self.modality == "CT":  # a preset per label name
