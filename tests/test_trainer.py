@@ -136,3 +136,33 @@ def test_min_area_fraction_drops_only_the_small_cross_sections(samples_dir):
         assert (key in kept) == (a >= 0.3 * largest[key[1]]), key
     # a request option (POST /train/adaptsam, --conf train_min_area_fraction) like the others
     assert TrainOptions.from_request({"min_area_fraction": "0.3"}, "2d").min_area_fraction == 0.3
+
+
+def test_training_renderings_are_upright_and_field_mm_adds_a_wider_field(samples_dir, tmp_path):
+    """ct_3mm is stored RAS: its training slices are shown turned to display orientation, as
+    served. field_mm adds each volume again as a 500 mm field of view shows it (the 366 mm CT
+    smaller in the model input); validation images keep only their own rendering."""
+    image, label = str(samples.image_path(samples_dir, "ct_3mm")), str(samples.reference_path(samples_dir, "ct_3mm"))
+    own = load_pair(image, label, 256, 256, 24, "default")
+    wide = load_pair(image, label, 256, 256, 24, "default", min_field=500.0)
+    k = max(own.slices, key=lambda s: len(own.slices[s].objects))
+    g_own, g_wide = own.slices[k].geom, wide.slices[k].geom
+    assert (g_own.flip_rows, g_own.flip_cols) == (True, True) and own.field_mm == 122 * 3.0
+    assert g_wide.new_cols == round(366 / 500 * 256) and g_own.new_cols == 256  # columns run along i (122 voxels)
+    # the same object, about (366/500)^2 of its area in the wide rendering
+    v = next(iter(set(own.slices[k].objects) & set(wide.slices[k].objects)))
+    ratio = int(wide.slices[k].low_res[v].sum()) / int(own.slices[k].low_res[v].sum())
+    assert abs(ratio - (366 / 500) ** 2) < 0.1
+    # upright: the spine (vertebrae) lies in the lower half of the picture, as in the held-out CT
+    _, _, names = samples.load_reference(samples_dir, "ct_3mm")
+    spine = [val for val, n in names.items() if n.startswith("vertebrae")]
+    rows = [r for s in own.slices.values() for val, m in s.low_res.items() if val in spine for r in torch.nonzero(m)[:, 0].tolist()]
+    assert rows and sum(rows) / len(rows) > 128
+
+    trainer = AdapterTrainer(_datalist(samples_dir, ["mr_3mm"]), TrainOptions(kind="2d", field_mm=500.0), tmp_path)
+    trainer.model = build_model("litemedsam")
+    trainer.low_res = 256
+    items = _datalist(samples_dir, ["mr_3mm"])
+    assert [vs.slices[0].geom.new_cols for vs in trainer._load_data(items, wide_field=True)] == [256, round(117 * 3 / 500 * 256)]
+    assert len(trainer._load_data(items)) == 1
+    assert TrainOptions.from_request({"field_mm": "500"}, "2d").field_mm == 500.0

@@ -39,6 +39,8 @@ def main(argv=None) -> int:
                     help="share of simulated clicks placed as the benchmark's protocol places them")
     ap.add_argument("--box-consistency", type=float, default=0.0,
                     help="weight keeping box-only answers close to those of the adapter the run starts from")
+    ap.add_argument("--field-mm", type=float, default=TrainOptions.field_mm,
+                    help="also train on each volume as a field of view this wide (mm) shows it, when its own is narrower")
     ap.add_argument("--no-resume", action="store_true", help="start from zero-initialised adapters")
     ap.add_argument("--carry-logits", action=argparse.BooleanOptionalAction, default=TrainOptions.carry_logits,
                     help="previous round's logits as the mask prompt of correction rounds")
@@ -61,7 +63,7 @@ def main(argv=None) -> int:
         decoder_blocks=args.decoder_blocks, decoder_lora_rank=args.decoder_lora_rank, carry_logits=args.carry_logits,
         box_consistency=args.box_consistency, min_area=args.min_area, min_area_fraction=args.min_area_fraction,
         protocol_clicks=args.protocol_clicks, guide_corrections=args.guide_corrections,
-        carve_clicks=args.carve_clicks,
+        carve_clicks=args.carve_clicks, field_mm=args.field_mm,
     )
     result = AdapterTrainer(datalist, opts, Path(args.out), args.backbone, log=print).run()
     print(f"published: {result.published} (version {result.version})")

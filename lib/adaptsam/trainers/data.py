@@ -43,6 +43,7 @@ class VolumeSamples:
     modality: str
     slices: Dict[int, SliceSample] = field(default_factory=dict)  # every slice (windows need neighbours)
     prompts: List[Dict] = field(default_factory=list)  # clinician prompts recorded at save time
+    field_mm: float = 0.0  # the volume's own field of view: its larger in-plane extent (mm)
 
     def recorded_clicks(self, k: int, value: int) -> List[Tuple[float, float, int]]:
         """Clinician clicks on axial slice k that belong to object `value`, in model-input
@@ -64,7 +65,10 @@ class VolumeSamples:
 
 
 def load_pair(image_path: str, label_path: str, input_size: int, low_res: int, min_area: int, window_choice: str,
-              min_area_fraction: float = 0.0) -> VolumeSamples:
+              min_area_fraction: float = 0.0, min_field: float = 0.0) -> VolumeSamples:
+    """One rendering of a labelled volume: in display orientation as served, CT in the window
+    `window_choice` picks, and (`min_field` mm > 0) shown as a field of view that wide would
+    show it, i.e. smaller in the model input when the volume's own field is smaller."""
     vol = Volume.load(image_path)
     lab = Volume.load(label_path, modality="MR").array
     if lab.shape != vol.shape:
@@ -75,9 +79,10 @@ def load_pair(image_path: str, label_path: str, input_size: int, low_res: int, m
     window = vol.window("liver" if window_choice == "soft" and vol.modality == "CT" else None)
     norm = vol.normalized(window)
     rows, cols = plane_shape(vol.shape, AXIAL)
-    geom = SliceGeometry.fit(rows, cols, input_size, vol.plane_spacing(AXIAL))
+    spacing = vol.plane_spacing(AXIAL)
+    geom = SliceGeometry.fit(rows, cols, input_size, spacing, vol.display_flips(AXIAL), min_field)
     image_id = Path(image_path).name.split(".")[0]
-    out = VolumeSamples(image_id, vol.shape[AXIAL], vol.modality)
+    out = VolumeSamples(image_id, vol.shape[AXIAL], vol.modality, field_mm=max(rows * spacing[0], cols * spacing[1]))
     for k in range(vol.shape[AXIAL]):
         plane = take_slice(norm, AXIAL, k)
         x = geom.image_to_model(torch.from_numpy(plane).float() / 255.0).half()

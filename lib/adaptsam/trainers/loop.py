@@ -102,6 +102,10 @@ class TrainOptions:
     # the clicks are carved into the carried logits of each correction round
     # (engine/click_carving.py), as the server does
     carve_clicks: bool = False
+    # also train on each volume as a field of view this wide (mm) would show it, when its own is
+    # narrower: organs then appear at the size they have in a body CT reconstructed at the usual
+    # ~500 mm, not only at the size a tightly cropped 3 mm volume gives them (0: off)
+    field_mm: float = 0.0
 
     @classmethod
     def from_request(cls, request: Dict, kind: str) -> "TrainOptions":
@@ -215,14 +219,21 @@ class AdapterTrainer:
             model.load_state_dict(taken, strict=False)
             self.log(f"3d decoder adapter initialised from {versions[-1][1].name} ({len(taken)} tensors)")
 
-    def _load_data(self, items) -> List[VolumeSamples]:
+    def _load_data(self, items, wide_field: bool = False) -> List[VolumeSamples]:
+        """Renderings of each labelled volume: CT in both windows; with `wide_field` (training
+        only, option field_mm) each again as a field_mm-wide field of view would show it."""
         out = []
         for item in items:
             for window in ("default", "soft"):
                 vs = load_pair(item["image"], item["label"], self.model.input_size, self.low_res, self.opt.min_area, window,
                                self.opt.min_area_fraction)
-                vs.prompts = item.get("prompts", [])
-                out.append(vs)
+                renderings = [vs]
+                if wide_field and self.opt.field_mm > vs.field_mm:
+                    renderings.append(load_pair(item["image"], item["label"], self.model.input_size, self.low_res, self.opt.min_area,
+                                                window, self.opt.min_area_fraction, self.opt.field_mm))
+                for r in renderings:
+                    r.prompts = item.get("prompts", [])
+                out.extend(renderings)
                 if vs.modality != "CT":  # the window choice only exists for CT
                     break
         return out
@@ -468,7 +479,7 @@ class AdapterTrainer:
         self.low_res = self.model.mask_input_size[0]
         train_items, val_items = split_by_image(self.datalist, self.opt.val_split, self.opt.seed)
         self.log(f"{len(train_items)} training and {len(val_items)} validation images")
-        train = self._load_data(train_items)
+        train = self._load_data(train_items, wide_field=True)
         val = self._load_data(val_items)
         self._cache_heads(train + val)
         self.log(f"cached stage-{self.split} activations for {sum(len(v.slices) for v in train + val)} slices in {time.time() - t0:.0f} s")
