@@ -166,3 +166,19 @@ def test_training_renderings_are_upright_and_field_mm_adds_a_wider_field(samples
     assert [vs.slices[0].geom.new_cols for vs in trainer._load_data(items, wide_field=True)] == [256, round(117 * 3 / 500 * 256)]
     assert len(trainer._load_data(items)) == 1
     assert TrainOptions.from_request({"field_mm": "500"}, "2d").field_mm == 500.0
+
+
+def test_inner_clicks_fall_inside_error_regions_drawn_by_area(tmp_path):
+    """inner_clicks: a random correction click picks an error region's part by its area, then
+    a pixel at least half as deep as its deepest one, never the rim of a wide region."""
+    trainer = AdapterTrainer([], TrainOptions(inner_clicks=True, seed=7), tmp_path)
+    region = torch.zeros(64, 64, dtype=torch.bool)
+    region[10:30, 10:30] = True  # 400 px, deepest 10 px from its rim
+    region[50, 0:60] = True  # a one-pixel band along a boundary, 60 px
+    clicks = [tuple(trainer._sample_inner_point(region)[0]) for _ in range(400)]
+    in_band = [rc for rc in clicks if rc[0] == 50]
+    in_square = [rc for rc in clicks if rc[0] != 50]
+    assert all(14 <= r <= 25 and 14 <= c <= 25 for r, c in in_square)  # depth >= 5 of 10, not the rim
+    assert 0.06 < len(in_band) / len(clicks) < 0.22  # 60 / 460 of the error drawn by area
+    assert len(trainer._sample_inner_point(torch.zeros(8, 8, dtype=torch.bool))) == 0
+    assert TrainOptions.from_request({"inner_clicks": "true"}, "2d").inner_clicks is True

@@ -41,6 +41,8 @@ def main(argv=None) -> int:
                     help="weight keeping box-only answers close to those of the adapter the run starts from")
     ap.add_argument("--field-mm", type=float, default=TrainOptions.field_mm,
                     help="also train on each volume as a field of view this wide (mm) shows it, when its own is narrower")
+    ap.add_argument("--inner-clicks", action=argparse.BooleanOptionalAction, default=TrainOptions.inner_clicks,
+                    help="random correction clicks inside error regions (at least half their depth), not on their rims")
     ap.add_argument("--no-resume", action="store_true", help="start from zero-initialised adapters")
     ap.add_argument("--carry-logits", action=argparse.BooleanOptionalAction, default=TrainOptions.carry_logits,
                     help="previous round's logits as the mask prompt of correction rounds")
@@ -63,7 +65,7 @@ def main(argv=None) -> int:
         decoder_blocks=args.decoder_blocks, decoder_lora_rank=args.decoder_lora_rank, carry_logits=args.carry_logits,
         box_consistency=args.box_consistency, min_area=args.min_area, min_area_fraction=args.min_area_fraction,
         protocol_clicks=args.protocol_clicks, guide_corrections=args.guide_corrections,
-        carve_clicks=args.carve_clicks, field_mm=args.field_mm,
+        carve_clicks=args.carve_clicks, field_mm=args.field_mm, inner_clicks=args.inner_clicks,
     )
     result = AdapterTrainer(datalist, opts, Path(args.out), args.backbone, log=print).run()
     print(f"published: {result.published} (version {result.version})")

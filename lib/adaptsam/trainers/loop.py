@@ -41,6 +41,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy import ndimage
 
 from ..engine.allocator import keep_freed_memory
 from ..engine.click_carving import carve_clicks, carve_model_points
@@ -106,6 +107,9 @@ class TrainOptions:
     # narrower: organs then appear at the size they have in a body CT reconstructed at the usual
     # ~500 mm, not only at the size a tightly cropped 3 mm volume gives them (0: off)
     field_mm: float = 0.0
+    # random correction clicks land inside an error region (a part drawn by area, a pixel at
+    # least half its depth) instead of anywhere in it, rims included
+    inner_clicks: bool = False
 
     @classmethod
     def from_request(cls, request: Dict, kind: str) -> "TrainOptions":
@@ -288,6 +292,21 @@ class AdapterTrainer:
             out.append(carve_model_points(logits[i : i + 1].cpu(), xy, positive, self.model.input_size))
         return torch.cat(out).to(logits.device)
 
+    def _sample_inner_point(self, region: torch.Tensor) -> np.ndarray:
+        """One pixel (row, col) of an error region, as a user would pick it: a connected part
+        drawn by its area, then a pixel at least half as deep in it as its deepest one (a click
+        on a region's rim says little the decoder can act on)."""
+        mask = region.numpy()
+        parts, n = ndimage.label(mask)
+        if n == 0:
+            return np.zeros((0, 2))
+        sizes = np.bincount(parts.ravel())[1:]
+        part = 1 + int(np.searchsorted(np.cumsum(sizes), self.rng.random() * sizes.sum(), side="right"))
+        part = min(part, n)
+        depth = ndimage.distance_transform_edt(np.pad(parts == part, 1))[1:-1, 1:-1]
+        idx = np.argwhere(depth >= 0.5 * depth.max())
+        return idx[[self.rng.randrange(len(idx))]]
+
     def _sample_points(self, region: torch.Tensor, n: int) -> np.ndarray:
         idx = torch.nonzero(region).numpy()
         if len(idx) == 0:
@@ -362,7 +381,8 @@ class AdapterTrainer:
                     continue
                 for _ in range(n_new):
                     positive = self.rng.random() < n_fn / (n_fn + n_fp)
-                    pr = self._sample_points((err_fn if positive else err_fp).cpu(), 1)
+                    region = (err_fn if positive else err_fp).cpu()
+                    pr = self._sample_inner_point(region) if self.opt.inner_clicks else self._sample_points(region, 1)
                     if len(pr):
                         xy = self._to_input(pr)
                         points[i].append((float(xy[0, 0]), float(xy[0, 1]), 1 if positive else 0))
