@@ -66,9 +66,17 @@ class VolumeSamples:
 
 def load_pair(image_path: str, label_path: str, input_size: int, low_res: int, min_area: int, window_choice: str,
               min_area_fraction: float = 0.0, min_field: float = 0.0) -> VolumeSamples:
-    """One rendering of a labelled volume: in display orientation as served, CT in the window
-    `window_choice` picks, and (`min_field` mm > 0) shown as a field of view that wide would
-    show it, i.e. smaller in the model input when the volume's own field is smaller."""
+    """One rendering of a labelled volume (see load_renderings), as a field of view at least
+    `min_field` mm wide shows it."""
+    return load_renderings(image_path, label_path, input_size, low_res, min_area, window_choice, min_area_fraction, (min_field,))[0]
+
+
+def load_renderings(image_path: str, label_path: str, input_size: int, low_res: int, min_area: int, window_choice: str,
+                    min_area_fraction: float = 0.0, fields: Sequence[float] = (0.0,)) -> List[VolumeSamples]:
+    """Renderings of a labelled volume, read and windowed once: in display orientation as
+    served, CT in the window `window_choice` picks, one per entry of `fields`, each shown as a
+    field of view that many mm wide would show it (smaller in the model input); an entry not
+    wider than the volume's own field gives its own rendering, once."""
     vol = Volume.load(image_path)
     lab = Volume.load(label_path, modality="MR").array
     if lab.shape != vol.shape:
@@ -80,31 +88,40 @@ def load_pair(image_path: str, label_path: str, input_size: int, low_res: int, m
     norm = vol.normalized(window)
     rows, cols = plane_shape(vol.shape, AXIAL)
     spacing = vol.plane_spacing(AXIAL)
-    geom = SliceGeometry.fit(rows, cols, input_size, spacing, vol.display_flips(AXIAL), min_field)
+    own = max(rows * spacing[0], cols * spacing[1])
     image_id = Path(image_path).name.split(".")[0]
-    out = VolumeSamples(image_id, vol.shape[AXIAL], vol.modality, field_mm=max(rows * spacing[0], cols * spacing[1]))
-    for k in range(vol.shape[AXIAL]):
-        plane = take_slice(norm, AXIAL, k)
-        x = geom.image_to_model(torch.from_numpy(plane).float() / 255.0).half()
-        plane_label = take_slice(lab, AXIAL, k)
-        objs = {}
-        for v in np.unique(plane_label):
-            if v == 0:
-                continue
-            m = geom.mask_to_model(torch.from_numpy((plane_label == v).astype(np.float32)), low_res)[0, 0] > 0.5
-            if int(m.sum()) >= min_area:
-                objs[int(v)] = m
-        out.slices[k] = SliceSample(image_id, k, x, geom, plane_label, objs)
-    if min_area_fraction > 0:
-        # an organ's end slices, where partial volume leaves a sliver the label may or may not
-        # include, teach a click that the same tissue is sometimes a sliver, sometimes the organ
-        largest: Dict[int, int] = {}
-        for sample in out.slices.values():
-            for v, m in sample.low_res.items():
-                largest[v] = max(largest.get(v, 0), int(m.sum()))
-        for sample in out.slices.values():
-            sample.low_res = {v: m for v, m in sample.low_res.items() if int(m.sum()) >= min_area_fraction * largest[v]}
+    out = []
+    for field_mm in dict.fromkeys(max(own, float(f)) for f in fields):
+        geom = SliceGeometry.fit(rows, cols, input_size, spacing, vol.display_flips(AXIAL), field_mm)
+        vs = VolumeSamples(image_id, vol.shape[AXIAL], vol.modality, field_mm=own)
+        for k in range(vol.shape[AXIAL]):
+            plane = take_slice(norm, AXIAL, k)
+            x = geom.image_to_model(torch.from_numpy(plane).float() / 255.0).half()
+            plane_label = take_slice(lab, AXIAL, k)
+            objs = {}
+            for v in np.unique(plane_label):
+                if v == 0:
+                    continue
+                m = geom.mask_to_model(torch.from_numpy((plane_label == v).astype(np.float32)), low_res)[0, 0] > 0.5
+                if int(m.sum()) >= min_area:
+                    objs[int(v)] = m
+            vs.slices[k] = SliceSample(image_id, k, x, geom, plane_label, objs)
+        if min_area_fraction > 0:
+            _keep_large_cross_sections(vs, min_area_fraction)
+        out.append(vs)
     return out
+
+
+def _keep_large_cross_sections(vs: VolumeSamples, fraction: float) -> None:
+    """An organ's end slices, where partial volume leaves a sliver the label may or may not
+    include, teach a click that the same tissue is sometimes a sliver, sometimes the organ:
+    keep each object only where it covers `fraction` of its largest cross-section."""
+    largest: Dict[int, int] = {}
+    for sample in vs.slices.values():
+        for v, m in sample.low_res.items():
+            largest[v] = max(largest.get(v, 0), int(m.sum()))
+    for sample in vs.slices.values():
+        sample.low_res = {v: m for v, m in sample.low_res.items() if int(m.sum()) >= fraction * largest[v]}
 
 
 def split_by_image(items: Sequence[Dict], val_split: float, seed: int) -> Tuple[List[Dict], List[Dict]]:

@@ -56,7 +56,7 @@ from ..model import adapter_io
 from ..model.adapters import AdapterConfig, adapter_state_dict, attach_adapters, is_adapter_name, set_adapter_training_mode
 from ..model.backbones import build_model
 from ..model.encoder_split import default_split, encode_head, encode_tail, tail_adapter_parameters
-from .data import VolumeSamples, load_pair, split_by_image
+from .data import VolumeSamples, load_renderings, split_by_image
 
 logger = logging.getLogger(__name__)
 PROMPT_TYPES = ("box", "click1", "click3")
@@ -225,20 +225,17 @@ class AdapterTrainer:
 
     def _load_data(self, items, wide_field: bool = False) -> List[VolumeSamples]:
         """Renderings of each labelled volume: CT in both windows; with `wide_field` (training
-        only, option field_mm) each again as a field_mm-wide field of view would show it."""
+        only, option field_mm) each also as a field_mm-wide field of view shows it."""
+        fields = (0.0, self.opt.field_mm) if wide_field and self.opt.field_mm > 0 else (0.0,)
         out = []
         for item in items:
             for window in ("default", "soft"):
-                vs = load_pair(item["image"], item["label"], self.model.input_size, self.low_res, self.opt.min_area, window,
-                               self.opt.min_area_fraction)
-                renderings = [vs]
-                if wide_field and self.opt.field_mm > vs.field_mm:
-                    renderings.append(load_pair(item["image"], item["label"], self.model.input_size, self.low_res, self.opt.min_area,
-                                                window, self.opt.min_area_fraction, self.opt.field_mm))
+                renderings = load_renderings(item["image"], item["label"], self.model.input_size, self.low_res, self.opt.min_area,
+                                             window, self.opt.min_area_fraction, fields)
                 for r in renderings:
                     r.prompts = item.get("prompts", [])
                 out.extend(renderings)
-                if vs.modality != "CT":  # the window choice only exists for CT
+                if renderings[0].modality != "CT":  # the window choice only exists for CT
                     break
         return out
 
