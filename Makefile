@@ -9,7 +9,7 @@ PORT ?= 8000
 CONF ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup test serve samples benchmark clean
+.PHONY: setup test test-slow serve samples benchmark clean
 
 setup: $(VENV)/.installed
 
@@ -24,10 +24,14 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	touch $@
 
 samples: setup
-	$(PY) -m adaptsam.samples fetch $(SAMPLES)
+	$(PY) tools/samples.py fetch $(SAMPLES)
 
+# quality-style statistics over whole volumes are marked slow: `make test-slow` runs them
 test: samples
-	ADAPTSAM_SAMPLES=$(abspath $(SAMPLES)) $(PY) -m pytest $(PYTEST_ARGS)
+	ADAPTSAM_SAMPLES=$(abspath $(SAMPLES)) $(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+test-slow: samples
+	ADAPTSAM_SAMPLES=$(abspath $(SAMPLES)) $(PY) -m pytest -m slow $(PYTEST_ARGS)
 
 # The monailabel console script runs whatever `python` is first on PATH, so run the module with
 # the venv's interpreter and put the venv first on PATH for MONAI Label's background jobs.

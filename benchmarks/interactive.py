@@ -45,6 +45,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))  # server_util: how tests start a real server
+sys.path.insert(0, str(REPO / "tools"))  # samples: the sample studies
 if str(REPO / "lib") not in sys.path:
     sys.path.insert(0, str(REPO / "lib"))
 
@@ -52,7 +53,7 @@ import numpy as np  # noqa: E402
 import requests  # noqa: E402
 import torch  # noqa: E402
 
-from adaptsam import samples  # noqa: E402
+import samples  # noqa: E402
 from adaptsam.engine.allocator import keep_freed_memory  # noqa: E402
 from adaptsam.engine.interactive import Runtime  # noqa: E402
 from adaptsam.engine.metrics import bounding_box, dice, largest_slice  # noqa: E402
@@ -60,7 +61,6 @@ from adaptsam.engine.models import ModelHandle  # noqa: E402
 from adaptsam.engine.predictor import SlicePredictor  # noqa: E402
 from adaptsam.engine.preprocess import in_plane_axes, take_slice  # noqa: E402
 from adaptsam.engine.volume import Volume  # noqa: E402
-from adaptsam.model.backbones import default_weights_dir  # noqa: E402
 
 IMAGE = "ct_dicom"
 ORGAN = "liver"
@@ -523,7 +523,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "interactive.json")
     p.add_argument("--samples", type=Path, default=None, help="samples dir (default $ADAPTSAM_SAMPLES or .data/samples)")
     p.add_argument("--backbone", default="litemedsam")
-    p.add_argument("--weights-dir", type=Path, default=default_weights_dir(),
+    p.add_argument("--weights-dir", type=Path, default=REPO / "model_weights",
                    help="adapters/checkpoints folder, for the server and the in-process model alike")
     p.add_argument("--device", default="auto", help="auto (cuda when present), cpu or cuda")
     p.add_argument("--result-extension", default=".nrrd",

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import sys
 import pytest
 
-from adaptsam import samples
-from adaptsam.model.backbones import build_model
+from server_util import REPO
+
+sys.path.insert(0, str(REPO / "tools"))  # samples.py builds the sample studies
+
+import samples  # noqa: E402
+
+from adaptsam.model.backbones import build_model  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -18,6 +18,7 @@ from adaptsam.engine.allocator import MALLOC_ENV
 
 REPO = Path(__file__).resolve().parents[1]
 APP_DIR = REPO / "apps" / "adaptsam"
+WEIGHTS = REPO / "model_weights"  # the shipped adapters
 
 
 def free_port() -> int:

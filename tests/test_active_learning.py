@@ -14,9 +14,9 @@ import numpy as np
 import requests
 from monailabel.client import MONAILabelClient
 
-from adaptsam import samples
-from adaptsam.model.backbones import default_weights_dir
-from adaptsam.strategies.uncertainty import INFO_KEY
+import samples
+from server_util import WEIGHTS
+from adaptsam.server.strategies import INFO_KEY
 from server_util import copy_studies, running_server
 
 IMAGES = ("ct_3mm", "mr_3mm")
@@ -34,7 +34,7 @@ def test_uncertainty_strategy_picks_the_most_uncertain_unlabelled_image(samples_
     studies = copy_studies(samples_dir, tmp_path / "studies", image_ids=set(IMAGES))
     weights = tmp_path / "weights"
     weights.mkdir()
-    shipped = sorted(default_weights_dir().glob("adaptsam_2d_litemedsam_v*.pt"))
+    shipped = sorted(WEIGHTS.glob("adaptsam_2d_litemedsam_v*.pt"))
     for f in shipped:
         shutil.copy2(f, weights)
     with running_server(studies, conf={"weights_dir": str(weights)}, log=tmp_path / "server.log") as url:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from adaptsam import samples
+import samples
 from adaptsam.engine.metrics import bounding_box, dice, largest_slice
 from adaptsam.engine.predictor import SlicePredictor
 from adaptsam.engine.preprocess import take_slice

@@ -3,8 +3,7 @@ with the clicks carved into them (engine/click_carving.py) and with the guide bo
 (engine/guide_box.py).
 
 In-process on the shipped 2D adapter and the real sample CT (the server wraps exactly this
-InteractiveSegmenter; `--conf carry_logits`, `--conf carve_clicks` and `--conf guide_corrections`
-set the switches).
+InteractiveSegmenter; PromptPolicy's fields switch the pieces off for comparison).
 """
 
 from __future__ import annotations
@@ -13,17 +12,19 @@ import numpy as np
 import pytest
 import torch
 
-from adaptsam import samples
+import samples
 from adaptsam.engine.click_carving import carve_clicks
-from adaptsam.engine.click_protocol import correction_click, interior_point
+from adaptsam.evaluation.clicks import correction_click, interior_point
 from adaptsam.engine.first_click import answer_lone_click
 from adaptsam.engine.guide_box import guide_box
-from adaptsam.engine.interactive import InteractiveSegmenter, Runtime, SegmentRequest
+from adaptsam.engine.interactive import InteractiveSegmenter, Runtime
+from adaptsam.engine.request import SegmentRequest
 from adaptsam.engine.metrics import bounding_box, dice, largest_slice
 from adaptsam.engine.models import ModelHandle
 from adaptsam.engine.predictor import SlicePredictor
+from adaptsam.engine.prompts import PromptPolicy
 from adaptsam.engine.preprocess import in_plane_axes, take_slice, voxel_to_plane
-from adaptsam.model.backbones import default_weights_dir
+from server_util import WEIGHTS
 
 IMAGE = "ct_dicom"
 
@@ -39,8 +40,8 @@ def _session(runtime, samples_dir, carry, guide=False, carve=True):
     """A click on the liver's largest slice, then one protocol correction in the same session,
     and the same two clicks sent fresh by another client; returns the three answers and the truth
     on that slice. (A session continues from clicks only: a box is always decoded afresh.)"""
-    handle = ModelHandle("2d", "litemedsam", default_weights_dir(), "cpu")  # the shipped 2D adapter
-    seg = InteractiveSegmenter(runtime, handle, propagate=False, carry_logits=carry, guide_corrections=guide, carve_clicks=carve)
+    handle = ModelHandle("2d", "litemedsam", WEIGHTS, "cpu")  # the shipped 2D adapter
+    seg = InteractiveSegmenter(runtime, handle, PromptPolicy(carry_logits=carry, guide_box=guide, carve_clicks=carve), propagate=False)
     label, _, _ = samples.load_reference(samples_dir, IMAGE)
     truth = label == samples.label_value(samples_dir, IMAGE, "liver")
     k = largest_slice(truth)
@@ -99,7 +100,7 @@ def test_a_correction_click_also_sends_the_guide_box(runtime, samples_dir):
     assert not torch.equal(carved, one.low_res_logits)
     two = predictor.predict(emb, geom, box=box, foreground=pfg, background=pbg, mask_input=carved)
     assert np.array_equal(two.mask, take_slice(continued[:, :, None], 2, 0))
-    # `--conf carve_clicks false`: the previous logits go back as they were
+    # without carving: the previous logits go back as they were
     _, uncarved, _, _, _ = _session(runtime, samples_dir, carry=True, guide=True, carve=False)
     plain = predictor.predict(emb, geom, box=box, foreground=pfg, background=pbg, mask_input=one.low_res_logits)
     assert np.array_equal(plain.mask, take_slice(uncarved[:, :, None], 2, 0))
@@ -118,18 +119,19 @@ def test_a_correction_click_also_sends_the_guide_box(runtime, samples_dir):
     assert np.array_equal(by_hand & inside, take_slice(with_roi[:, :, None], 2, 0))
 
 
+@pytest.mark.slow
 def test_carving_makes_the_answer_follow_the_correction_clicks(runtime, samples_dir):
     """Every object of the held-out CT's silver label (>= 150 px on its largest slice), four
     protocol corrections each through the server's session path: how often the clicked pixel
     ends up as the click says, with the clicks carved into the carried logits and without.
     Without, the decoder follows the previous answer and ignores most corrections (negative
     clicks almost all: 2 of 48 measured)."""
-    handle = ModelHandle("2d", "litemedsam", default_weights_dir(), "cpu")
+    handle = ModelHandle("2d", "litemedsam", WEIGHTS, "cpu")
     label, _, names = samples.load_reference(samples_dir, IMAGE)
     path = str(samples.image_path(samples_dir, IMAGE))
     honoured = {True: [0, 0], False: [0, 0]}
     for carve in (True, False):
-        seg = InteractiveSegmenter(runtime, handle, propagate=False, guide_corrections=True, carve_clicks=carve)
+        seg = InteractiveSegmenter(runtime, handle, PromptPolicy(carve_clicks=carve), propagate=False)
         for value, name in sorted(names.items()):
             truth3d = label == value
             if not truth3d.any():

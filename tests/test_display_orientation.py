@@ -12,14 +12,15 @@ import numpy as np
 import pytest
 import torch
 
-from adaptsam import samples
-from adaptsam.engine.interactive import InteractiveSegmenter, Runtime, SegmentRequest
+import samples
+from adaptsam.engine.interactive import InteractiveSegmenter, Runtime
+from adaptsam.engine.request import SegmentRequest
 from adaptsam.engine.metrics import largest_slice
-from adaptsam.engine.click_protocol import interior_point
+from adaptsam.evaluation.clicks import interior_point
 from adaptsam.engine.models import ModelHandle
 from adaptsam.engine.preprocess import SliceGeometry, display_flips
 from adaptsam.engine.volume import Volume
-from adaptsam.model.backbones import default_weights_dir
+from server_util import WEIGHTS
 
 IMAGE = "ct_dicom"
 LPS_AFFINE = np.diag([-1.0, -1.0, 2.0, 1.0])  # voxel axes run to the patient's left, back, head
@@ -95,7 +96,7 @@ def test_the_same_ct_stored_lps_or_ras_gets_the_same_answer(runtime, samples_dir
     truth = label == samples.label_value(samples_dir, IMAGE, "liver")
     k = largest_slice(truth)
     i, j = interior_point(truth[:, :, k])
-    handle = ModelHandle("2d", "litemedsam", default_weights_dir(), "cpu")
+    handle = ModelHandle("2d", "litemedsam", WEIGHTS, "cpu")
     seg = InteractiveSegmenter(runtime, handle, propagate=False)
     answers = {}
     for name, path, click in (("lps", src, [i, j, k]), ("ras", ras, [ni - 1 - i, nj - 1 - j, k])):

@@ -1,7 +1,7 @@
 """A lone first click answered through boxes around its first answer (engine/first_click.py).
 
 Geometry of the proposals, then the real shipped 2D adapter on the held-out sample CT: the
-server's answer is the hand-made choice, `first_click_boxes=False` gives the plain decoder pass,
+server's answer is the hand-made choice, the policy without first-click boxes gives the plain decoder pass,
 and over the CT's objects the chosen answers score higher than the plain ones.
 """
 
@@ -10,16 +10,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from adaptsam import samples
-from adaptsam.config import AppConfig
-from adaptsam.engine.click_protocol import interior_point
+import samples
+from adaptsam.evaluation.clicks import interior_point
 from adaptsam.engine.first_click import SCALES, answer_lone_click, proposal_boxes
-from adaptsam.engine.interactive import InteractiveSegmenter, Runtime, SegmentRequest
+from adaptsam.engine.interactive import InteractiveSegmenter, Runtime
+from adaptsam.engine.request import SegmentRequest
 from adaptsam.engine.metrics import dice, largest_slice
 from adaptsam.engine.models import ModelHandle
 from adaptsam.engine.predictor import SlicePredictor
+from adaptsam.engine.prompts import PromptPolicy
 from adaptsam.engine.preprocess import take_slice, voxel_to_plane
-from adaptsam.model.backbones import default_weights_dir
+from server_util import WEIGHTS
 
 IMAGE = "ct_dicom"
 
@@ -42,13 +43,6 @@ def test_proposals_enclose_the_answer_grow_about_its_centre_and_stay_on_the_slic
     assert proposal_boxes(np.zeros((10, 10), bool)) == []
 
 
-def test_conf_switch():
-    assert AppConfig.from_conf({}).first_click_boxes is True
-    assert AppConfig.from_conf({"first_click_boxes": "false"}).first_click_boxes is False
-    with pytest.raises(ValueError):
-        AppConfig.from_conf({"first_click_boxes": "sometimes"})
-
-
 @pytest.fixture(scope="module")
 def runtime():
     rt = Runtime(1 << 30)
@@ -57,7 +51,7 @@ def runtime():
 
 
 def test_served_first_click_is_the_proposal_with_the_highest_predicted_iou_that_holds_the_click(runtime, samples_dir):
-    handle = ModelHandle("2d", "litemedsam", default_weights_dir(), "cpu")  # the shipped 2D adapter
+    handle = ModelHandle("2d", "litemedsam", WEIGHTS, "cpu")  # the shipped 2D adapter
     label, _, _ = samples.load_reference(samples_dir, IMAGE)
     truth = label == samples.label_value(samples_dir, IMAGE, "liver")
     k = largest_slice(truth)
@@ -66,7 +60,7 @@ def test_served_first_click_is_the_proposal_with_the_highest_predicted_iou_that_
                 foreground=[click], reset=True)
     served = {}
     for on in (True, False):
-        seg = InteractiveSegmenter(runtime, handle, propagate=False, first_click_boxes=on)
+        seg = InteractiveSegmenter(runtime, handle, PromptPolicy(first_click_boxes=on), propagate=False)
         served[on] = take_slice(seg.segment(SegmentRequest(**base, client_id=f"f{on}")).label[:, :, k : k + 1] > 0, 2, 0)
 
     serving = runtime.serving(handle)
@@ -82,16 +76,17 @@ def test_served_first_click_is_the_proposal_with_the_highest_predicted_iou_that_
     chosen = answer_lone_click(predictor, emb, geom, rc)
     assert chosen.iou == best.iou and np.array_equal(chosen.mask, best.mask)
     assert np.array_equal(served[True], chosen.mask)
-    assert np.array_equal(served[False], plain.mask)  # --conf first_click_boxes false
+    assert np.array_equal(served[False], plain.mask)  # the policy switched off
     plane_truth = take_slice(truth[:, :, k : k + 1], 2, 0)
     print(f"liver, one click: plain {dice(plain.mask, plane_truth):.3f}, through boxes {dice(chosen.mask, plane_truth):.3f}")
     assert chosen.iou > plain.iou  # the liver's first answer is a blob: a box around it wins
 
 
+@pytest.mark.slow
 def test_over_the_held_out_objects_the_proposals_beat_the_plain_first_click(runtime, samples_dir):
     """Every object of the held-out CT's silver label (>= 150 px on its largest slice), the
     standard first click (deepest point): measured 0.671 plain -> 0.702 through boxes."""
-    handle = ModelHandle("2d", "litemedsam", default_weights_dir(), "cpu")
+    handle = ModelHandle("2d", "litemedsam", WEIGHTS, "cpu")
     serving = runtime.serving(handle)
     predictor = SlicePredictor(serving.model)
     label, _, names = samples.load_reference(samples_dir, IMAGE)

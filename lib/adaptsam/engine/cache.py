@@ -49,11 +49,12 @@ class EmbeddingCache:
         with self._lock:
             return key in self._items
 
-    def put(self, key: EmbeddingKey, embedding: torch.Tensor) -> None:
+    def put(self, key: EmbeddingKey, embedding: torch.Tensor) -> torch.Tensor:
+        """Store `embedding`; returns the stored (fp16, CPU) value."""
         value = embedding.detach().to("cpu", torch.float16).contiguous()
         size = value.numel() * value.element_size()
         if size > self.max_bytes:
-            return
+            return value
         with self._lock:
             old = self._items.pop(key, None)
             if old is not None:
@@ -64,6 +65,7 @@ class EmbeddingCache:
                 _, evicted = self._items.popitem(last=False)
                 self._bytes -= evicted.numel() * evicted.element_size()
                 self.evictions += 1
+        return value
 
     def drop_where(self, predicate: Callable[[EmbeddingKey], bool]) -> int:
         with self._lock:

@@ -1,21 +1,14 @@
 """Clicks painted into the carried mask prompt, so that the previous answer cannot outvote them.
 
 A correction is decoded with the previous answer's logits as mask prompt (the adapters were
-trained so). The decoder leans on that prompt far more than on the clicks: on the held-out CT a
-negative click in the middle of a false-positive region left the answer unchanged, and the
-protocol put the next negative click on the same pixel, round after round (spinal cord, inferior
-vena cava, ribs). So before the previous logits go back in, every click of the slice paints its
-neighbourhood with its own label (saturated logits, background first so a positive click wins
-where both reach): a disc whose radius is the click's distance to the previous answer's boundary
-on the low-res grid, i.e. the largest disc the previous answer paints one way, which is the part
-the click says is wrong (or, for a click the answer already agrees with, keeps it so), clamped
-to 4-16 low-res pixels (of 256: 1.6-6 % of the image side).
-
-Chosen on the development set ct_body_3mm[:82] with the shipped v4 adapters and the guide box,
-3 / 5 clicks of the standard protocol: 2D 0.669 / 0.709 -> 0.743 / 0.779, 3D 0.744 / 0.758 ->
-0.806 / 0.821. A fixed radius of 10 did better there and worse on the held-out CT (small objects
-smaller than the disc); radius = distance with a minimum of 4 gained on both. Held-out numbers
-in the README.
+trained so). The decoder leans on that prompt far more than on the clicks: a negative click in
+the middle of a false-positive region can leave the answer unchanged, round after round. So
+before the previous logits go back in, every click of the slice paints its neighbourhood with
+its own label (saturated logits, background first so a positive click wins where both reach): a
+disc whose radius is the click's distance to the previous answer's boundary on the low-res grid,
+i.e. the largest disc the previous answer paints one way, which is the part the click says is
+wrong (or, for a click the answer already agrees with, keeps it so), clamped to 4-16 low-res
+pixels so that small structures are not painted over. Measurements: docs/experiments.md.
 """
 
 from __future__ import annotations

@@ -100,8 +100,10 @@ class SliceEncoder:
         rows, cols = plane_shape(volume.shape, axis)
         return SliceGeometry.fit(rows, cols, serving.model.input_size, volume.plane_spacing(axis), volume.display_flips(axis))
 
-    def embedding(self, serving: ServingModel, volume: Volume, image: str, axis: int, index: int, window) -> Tuple[torch.Tensor, bool]:
-        """(embedding (1, C, h, w), was_cached) for one slice; computes its window on a miss."""
+    def embedding(self, serving: ServingModel, volume: Volume, image: str, axis: int, index: int, window,
+                  ahead: int = 0) -> Tuple[torch.Tensor, bool]:
+        """(embedding (1, C, h, w), was_cached) for one slice; computes its window on a miss.
+        `ahead` (+1 / -1): the caller will walk on in that direction (propagation)."""
         key = self.key(image, axis, index, serving, window)
         hit = self.cache.get(key)
         if hit is not None:
@@ -119,8 +121,9 @@ class SliceEncoder:
         result = {}
         for pos, s in enumerate(group):
             if s not in result:
-                result[s] = out[pos]
-                self.cache.put(self.key(image, axis, s, serving, window), out[pos])
+                # decode from what the cache holds (fp16), also on a miss: the same click must get
+                # the same answer whether or not its slice was cached
+                result[s] = self.cache.put(self.key(image, axis, s, serving, window), out[pos])
         return result
 
     # ---- background -----------------------------------------------------------------------

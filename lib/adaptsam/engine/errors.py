@@ -4,6 +4,11 @@
 class RequestError(ValueError):
     status_code = 400
 
+    def __init__(self, message: str, status_code: int = 0):
+        super().__init__(message)
+        if status_code:
+            self.status_code = status_code
+
 
 class NotFound(RequestError):
     status_code = 404

@@ -1,22 +1,14 @@
 """A lone first click answered through boxes the model proposes to itself.
 
-The adapters learnt to answer clicks, but the network underneath is box-first: on the held-out
-CT the 3D v4 adapter answers a box on the liver at 0.98 and one click in it at 0.45 (stomach
-0.93 / 0.44), the click's answer a blob of about the same size whatever the organ. The size is
-what one click leaves open, and the decoder's IoU head can judge a size it is shown. So a lone
-first click is decoded as usual, and again with the click plus boxes around that first answer:
-its bounding box scaled by SCALES about its centre. Of those answers the one with the highest
-predicted IoU that contains the click is the reply (the first answer itself competes). Five
-more decoder passes, on the first click of a slice only.
-
-Chosen on the development set ct_body_3mm[:82] (v4 adapters, 1-click Dice): plain 2D 0.467 /
-3D 0.562; boxes scaled from the first answer 0.575 / 0.667; boxes of fixed sizes centred on
-the click (6 sizes x 3 aspect ratios) 0.534 / 0.582; ranking by SAM's stability score instead
-of the IoU head, or by their sum, about the same (0.575 / 0.644, 0.589 / 0.671): the IoU head
-alone is kept. On the held-out CT that choice turned the spinal cord's first answer (0.38) into
-the vertebra around it (0.00), and corrections did not get it back; answers that leave the click
-out are now not eligible: held-out 3D v5 0.699 -> 0.716, dev 2D 0.575 -> 0.586, 3D v5 0.636 ->
-0.631 (the rule was found on the held-out volume, so its held-out gain is optimistic).
+The network underneath is box-first: an adapter answers a box on a large organ far better than
+one click in it, and a click's answer tends to be a blob of about the same size whatever the
+organ. The size is what one click leaves open, and the decoder's IoU head can judge a size it is
+shown. So a lone first click is decoded as usual, and again with the click plus boxes around
+that first answer: its bounding box scaled by SCALES about its centre. Of those answers the one
+with the highest predicted IoU that contains the click is the reply (the first answer itself
+competes; an answer without the click segmented something else, such as the vertebra around a
+spinal-cord click). Five more decoder passes, on the first click of a slice only. How this was
+chosen against other candidates: docs/experiments.md.
 """
 
 from __future__ import annotations

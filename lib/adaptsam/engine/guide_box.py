@@ -1,18 +1,13 @@
 """A box to go with correction clicks: the previous answer's box, widened to take the positive clicks.
 
-LiteMedSAM was trained on boxes, and the adapters keep that strength (box Dice 0.84 on the
-held-out CT against 0.70 for a click). A correction click alone says little about the object's
-extent: after a first click on the liver the answer is a blob, and a positive click in the
-missed part often grows it only locally, or a negative one eats into the right part. So once a
-slice has an answer, each further click on it also sends a box: the bounding box of the previous
-mask, widened only where a positive click lies outside it, by a margin of 10% of the box's side
-(at least 3 pixels). Only clicks widen it, never the mask itself, so the box cannot creep
-outward round after round. It needs no state beyond the previous mask.
-
-Measured with the shipped v4 adapters (3 / 5 clicks of the standard protocol, previous logits
-carried; `benchmarks/quality.py`): chosen on the development set ct_body_3mm[:82], where it
-moved 2D 0.627 / 0.687 -> 0.669 / 0.709 and 3D 0.693 / 0.727 -> 0.744 / 0.758; held-out
-numbers in the README. Larger margins (0.2-0.3) helped at 3 clicks and hurt at 5.
+LiteMedSAM was trained on boxes, and the adapters keep that strength: they answer a box far
+better than a click. A correction click alone says little about the object's extent: after a
+first click on the liver the answer is a blob, and a positive click in the missed part often
+grows it only locally, or a negative one eats into the right part. So once a slice has an
+answer, each further click on it also sends a box: the bounding box of the previous mask,
+widened only where a positive click lies outside it, by a margin of 10% of the box's side (at
+least 3 pixels). Only clicks widen it, never the mask itself, so the box cannot creep outward
+round after round. It needs no state beyond the previous mask. Measurements: docs/experiments.md.
 """
 
 from __future__ import annotations

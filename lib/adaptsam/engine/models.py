@@ -54,8 +54,8 @@ class ServingModel:
     @property
     def carries_logits(self) -> bool:
         """Whether a correction also gets the previous answer's logits as mask prompt: as the
-        adapter was trained (files from before the option were trained with it). The base model
-        keeps it too, as before the option (its click-only gain without it: README, Quality)."""
+        adapter file says it was trained (all are; files without the record too). The base
+        model gets them as well."""
         return adapter_io.serving_mode(self.meta)["carry_logits"]
 
     @property
@@ -68,13 +68,12 @@ class ServingModel:
 class ModelHandle:
     CHECK_INTERVAL_S = 1.0
 
-    def __init__(self, kind: str, backbone: str, weights_dir: Path, device: str, pinned: str = "", num_slices: int = 5):
+    def __init__(self, kind: str, backbone: str, weights_dir: Path, device: str, pinned: str = ""):
         self.kind = kind
         self.backbone = backbone
         self.weights_dir = Path(weights_dir)
         self.device = device
         self.pinned = pinned  # a file name/path or a version number: serve exactly that (rollback)
-        self.num_slices = num_slices
         self._lock = threading.Lock()
         self._current: Optional[ServingModel] = None
         self._source_state: Optional[Tuple] = None
@@ -91,6 +90,11 @@ class ModelHandle:
         with self._lock:
             self.pinned = version
             self._checked = 0.0
+
+    def status(self) -> Optional[Dict[str, Any]]:
+        """What is being served (None before the first request loads a model)."""
+        cur = self._current
+        return {"version": cur.version, "model": cur.key, "source": cur.source, "pinned": self.pinned or "latest"} if cur else None
 
     def _wanted(self) -> Optional[Path]:
         if self.pinned:

@@ -1,8 +1,8 @@
 """Intensity handling and the slice <-> model-input geometry.
 
 Intensities: CT is clipped to a HU window (default [-500, 1000], or a preset chosen by the
-target label's name: abdominal organs get the soft-tissue window, which lifts box Dice on the
-sample CT's liver/spleen from 0.962/0.939 to 0.982/0.973), MR to its 0.5-99.5 percentiles of non-zero voxels; both are scaled to 0..255 and kept
+target label's name: abdominal organs get the soft-tissue window, where their contrast is),
+MR to its 0.5-99.5 percentiles of non-zero voxels; both are scaled to 0..255 and kept
 as uint8, the same quantisation MedSAM/LiteMedSAM were trained on (and 4x less memory than
 float32 for a cached volume).
 
@@ -14,10 +14,9 @@ numbers map prompts forward and logits back, so the two directions are exact inv
 
 Why the flips: the model sees anatomy, not voxel order. A NIfTI stored RAS (as converters often
 write it) shows an axial slice with the spine at the top and the patient's left on the left;
-DICOM's LPS order shows it as radiologists read it. LiteMedSAM and the held-out CT see the
-latter, and a model trained on one and served the other loses at the first click (2D v3 on the
-held-out CT turned 180 degrees: 0.663 -> 0.622). Turning every slice to one display orientation
-before the model makes what it learns independent of how the file was stored.
+DICOM's LPS order shows it as radiologists read it. A model trained on one and served the
+other loses at the first click. Turning every slice to one display orientation before the
+model makes what it learns independent of how the file was stored.
 """
 
 from __future__ import annotations

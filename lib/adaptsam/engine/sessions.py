@@ -1,60 +1,156 @@
-"""Per-client interaction state: which prompts produced the last result, and its logits.
+"""Per-client interaction state, owned by a `Session` and changed only through its operations.
 
-Keyed by (client id, image id, label, model): two clients on the same image never see each
-other's clicks. A request continues a session when it keeps every earlier click and adds some
-(how Slicer sends its growing point lists); otherwise (a click deleted, `reset_state`) the
-session starts over, so removed clicks stop influencing the result.
+A session is one client's work on one object (label) of one image under one model version: its
+clicks, the low-res logits of its last answer on each prompted slice (the next correction's mask
+prompt), its last result volume, and a short undo history. Two clients never share one.
+
+Slicer and OHIF send the whole click list with every request; `begin` maps that list onto the
+operations: clicks added to the session's continue it; a dropped click undoes steps until the
+session holds a strict subset of the request's clicks, so re-decoding gives exactly what the
+user saw before that click; `reset_state` starts over. The store is bounded by memory (least
+recently used sessions go first) and by age.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
-from typing import Dict, Optional, Set, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
+from .errors import RequestError
+
 Click = Tuple[int, int, int]
+SliceKey = Tuple[int, int]  # (axis, slice index)
+MAX_STEPS = 32  # undo depth
+MAX_SESSION_CLICKS = 256
+
+
+@dataclass
+class Step:
+    """What one request changed, to undo it: the clicks before it and the logits it replaced."""
+
+    foreground: Tuple[Click, ...]
+    background: Tuple[Click, ...]
+    slice_key: SliceKey
+    logits_before: Optional[torch.Tensor]
 
 
 @dataclass
 class Session:
-    foreground: Set[Click] = field(default_factory=set)
-    background: Set[Click] = field(default_factory=set)
-    logits: Dict[Tuple[int, int], torch.Tensor] = field(default_factory=dict)  # (axis, slice) -> low-res
+    foreground: List[Click] = field(default_factory=list)
+    background: List[Click] = field(default_factory=list)
+    logits: Dict[SliceKey, torch.Tensor] = field(default_factory=dict)
     result: Optional[np.ndarray] = None  # last label volume (slice mode edits it in place)
     prompts: Dict = field(default_factory=dict)  # the request that produced `result`, for saving
+    history: List[Step] = field(default_factory=list)
     updated: float = field(default_factory=time.time)
+    lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
 
-    def continues_with(self, foreground: Set[Click], background: Set[Click]) -> bool:
-        had = self.foreground or self.background
-        return bool(had) and self.foreground <= foreground and self.background <= background
+    # ---- operations ---------------------------------------------------------------------------
+
+    def begin(self, foreground: Sequence[Click], background: Sequence[Click], reset: bool = False) -> bool:
+        """Take a request's full click lists; True when it continues the session (the previous
+        logits then go into the decoder), False when it starts afresh."""
+        if len(foreground) + len(background) > MAX_SESSION_CLICKS:
+            raise RequestError(f"{len(foreground) + len(background)} clicks in one session; at most "
+                               f"{MAX_SESSION_CLICKS} (send reset_state to start over)", status_code=413)
+        if reset:
+            self.reset()
+            return False
+        fg, bg = Counter(foreground), Counter(background)  # multisets: a click may be repeated
+        while self._clicks and not self._strictly_within(fg, bg):
+            if not self.undo():
+                self.clear_clicks()
+        return bool(self._clicks)
+
+    def undo(self) -> bool:
+        """Go back to the state before the last step; False when there is nothing to undo."""
+        if not self.history:
+            return False
+        step = self.history.pop()
+        self.foreground, self.background = list(step.foreground), list(step.background)
+        if step.logits_before is None:
+            self.logits.pop(step.slice_key, None)
+        else:
+            self.logits[step.slice_key] = step.logits_before
+        return True
+
+    def reset(self) -> None:
+        self.clear_clicks()
+        self.result = None
+        self.prompts = {}
+
+    def clear_clicks(self) -> None:
+        self.foreground, self.background = [], []
+        self.logits.clear()
+        self.history.clear()
+
+    def record(self, foreground: Sequence[Click], background: Sequence[Click], slice_key: SliceKey,
+               logits: torch.Tensor, result: np.ndarray, prompts: Dict) -> None:
+        """The answer to a request: becomes the state the next correction continues from."""
+        self.history.append(Step(tuple(self.foreground), tuple(self.background), slice_key, self.logits.get(slice_key)))
+        del self.history[:-MAX_STEPS]
+        self.foreground, self.background = list(foreground), list(background)
+        self.logits[slice_key] = logits
+        self.result = result
+        self.prompts = prompts
+        self.updated = time.time()
+
+    def previous_logits(self, slice_key: SliceKey) -> Optional[torch.Tensor]:
+        return self.logits.get(slice_key)
+
+    # ---- accounting ---------------------------------------------------------------------------
+
+    @property
+    def _clicks(self) -> bool:
+        return bool(self.foreground or self.background)
+
+    def _strictly_within(self, fg: Counter, bg: Counter) -> bool:
+        mine_fg, mine_bg = Counter(self.foreground), Counter(self.background)
+        return mine_fg <= fg and mine_bg <= bg and (mine_fg, mine_bg) != (fg, bg)
+
+    @property
+    def nbytes(self) -> int:
+        tensors = list(self.logits.values()) + [s.logits_before for s in self.history if s.logits_before is not None]
+        n = sum(t.numel() * t.element_size() for t in tensors)
+        return n + (self.result.nbytes if self.result is not None else 0)
+
+
+SessionKey = Tuple[str, str, str, str]  # (client, image, label, model)
 
 
 class SessionStore:
-    def __init__(self, ttl_s: float = 3600.0, max_sessions: int = 256):
+    def __init__(self, max_bytes: int = 1 << 30, ttl_s: float = 3600.0):
+        self.max_bytes = int(max_bytes)
         self.ttl_s = ttl_s
-        self.max_sessions = max_sessions
-        self._sessions: Dict[Tuple[str, str, str, str], Session] = {}
+        self._sessions: "OrderedDict[SessionKey, Session]" = OrderedDict()
         self._lock = threading.Lock()
 
     def get(self, client: str, image: str, label: str, model: str) -> Session:
         key = (client, image, label, model)
-        now = time.time()
         with self._lock:
-            self._expire(now)
+            self._expire(time.time())
             session = self._sessions.get(key)
             if session is None:
                 session = self._sessions[key] = Session()
-            session.updated = now
+            self._sessions.move_to_end(key)
+            session.updated = time.time()
             return session
 
-    def reset(self, client: str, image: str, label: str, model: str) -> Session:
+    def commit(self, session: Session) -> None:
+        """After a session grew: evict least recently used others until the store fits."""
         with self._lock:
-            session = self._sessions[(client, image, label, model)] = Session()
-            return session
+            total = sum(s.nbytes for s in self._sessions.values())
+            for key in list(self._sessions):
+                if total <= self.max_bytes:
+                    break
+                if self._sessions[key] is not session:
+                    total -= self._sessions.pop(key).nbytes
 
     def latest(self, client: str, image: str) -> Optional[Session]:
         """The client's most recently used session on `image` (any label or model)."""
@@ -65,9 +161,11 @@ class SessionStore:
     def _expire(self, now: float) -> None:
         for key in [k for k, s in self._sessions.items() if now - s.updated > self.ttl_s]:
             del self._sessions[key]
-        while len(self._sessions) >= self.max_sessions:
-            oldest = min(self._sessions, key=lambda k: self._sessions[k].updated)
-            del self._sessions[oldest]
+
+    def stats(self) -> Dict[str, int]:
+        with self._lock:
+            return {"sessions": len(self._sessions), "bytes": sum(s.nbytes for s in self._sessions.values()),
+                    "max_bytes": self.max_bytes}
 
     def __len__(self) -> int:
         return len(self._sessions)

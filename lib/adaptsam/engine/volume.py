@@ -10,12 +10,15 @@ and everything it answers is mapped back).
 from __future__ import annotations
 
 import hashlib
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Tuple
 
 import numpy as np
 
+from .errors import NotFound, RequestError
 from .preprocess import display_flips, guess_modality, in_plane_axes, intensity_window, normalize_volume, take_slice
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -138,3 +141,33 @@ def _load_itk(path: Path):
     affine[:dim, 3] = origin
     # ITK is LPS, NIfTI affines are RAS.
     return array, np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine if dim == 3 else affine
+
+
+class VolumeStore:
+    """The last few loaded volumes, keyed by path and mtime, with their content hash."""
+
+    def __init__(self, capacity: int = 4):
+        self.capacity = capacity
+        self._items: "OrderedDict[Tuple[str, int], Tuple[Volume, str]]" = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, path: str, image_id: str) -> Tuple[Volume, str]:
+        """(volume, image key "<id>@<content hash>")."""
+        p = Path(path)
+        if not p.exists():
+            raise NotFound(f"image {image_id!r} not found")
+        key = (str(p), p.stat().st_mtime_ns)
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]
+        try:
+            vol = Volume.load(p)
+        except ImageLoadError as e:
+            raise RequestError(str(e), status_code=422) from e
+        entry = (vol, f"{image_id}@{vol.content_hash()}")
+        with self._lock:
+            self._items[key] = entry
+            while len(self._items) > self.capacity:
+                self._items.popitem(last=False)
+        return entry

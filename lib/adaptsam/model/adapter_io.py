@@ -119,7 +119,10 @@ def load_adapter_state(meta: Dict[str, Any], state: Dict[str, torch.Tensor], mod
 
 
 def config_from_meta(meta: Dict[str, Any]) -> AdapterConfig:
-    return AdapterConfig(**meta["config"])
+    config = dict(meta["config"])
+    if config.pop("decoder_lora_rank", 0):  # an experiment's field, only ever shipped at 0
+        raise AdapterMismatch("the adapter has decoder LoRA, which this version no longer supports")
+    return AdapterConfig(**config)
 
 
 def warm_start(path: Path | str, model: PromptableSam) -> Dict[str, Any]:
@@ -151,7 +154,7 @@ def average_adapter_files(paths: Sequence[Path | str]) -> Tuple[Dict[str, torch.
 
     Runs that warm-start from one adapter and differ in options or seed end in one basin of the
     loss, where the average of their weights tends to generalise better than each of them (a
-    "model soup", Wortsman et al. 2022; measured for the shipped v4 files: README, Quality).
+    "model soup", Wortsman et al. 2022; see docs/experiments.md).
     Only files with one base checkpoint, kind, layout and serving mode can be averaged; anything
     else is refused."""
     if len(paths) < 2:

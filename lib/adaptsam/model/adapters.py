@@ -46,7 +46,6 @@ class AdapterConfig:
     decoder: bool = True  # MSA decoder adapters in the decoder's two-way blocks
     decoder_hidden: int = 128
     decoder_blocks: int = 1  # how many two-way blocks get them, from the first
-    decoder_lora_rank: int = 0  # LoRA rank on the decoder attentions' q and v (0: none)
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -106,29 +105,6 @@ class SliceConvAdapter(nn.Module):
         y = self.act(self.conv(y))
         y = y.permute(0, 2, 3, 4, 1).reshape(x.shape[:-1] + (r,))
         return x + self.up(y)
-
-
-class LowRankLinear(nn.Module):
-    """A frozen nn.Linear plus a LoRA branch up(down(x)) whose up-projection starts at zero.
-
-    The wrapped layer's weight and bias are registered here under their own names, so the
-    base parameter names (`...q_proj.weight`) do not change."""
-
-    def __init__(self, linear: nn.Linear, rank: int):
-        super().__init__()
-        self.weight, self.bias = linear.weight, linear.bias
-        self.adapter_down = nn.Linear(linear.in_features, rank, bias=False)
-        self.adapter_up = nn.Linear(rank, linear.out_features, bias=False)
-        nn.init.zeros_(self.adapter_up.weight)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.linear(x, self.weight, self.bias) + self.adapter_up(self.adapter_down(x))
-
-
-def _decoder_attentions(transformer: nn.Module) -> Iterator[nn.Module]:
-    for layer in transformer.layers:
-        yield from (layer.self_attn, layer.cross_attn_token_to_image, layer.cross_attn_image_to_token)
-    yield transformer.final_attn_token_to_image
 
 
 class PromptConditionedAdapter(nn.Module):
@@ -283,10 +259,6 @@ def attach_adapters(model: PromptableSam, cfg: AdapterConfig) -> PromptableSam:
         layers = model.mask_decoder.transformer.layers
         for i in range(min(cfg.decoder_blocks, len(layers))):
             layers[i] = AdaptedTwoWayBlock(layers[i], cfg, 1 + model.mask_decoder.num_mask_tokens)
-        if cfg.decoder_lora_rank > 0:
-            for attn in _decoder_attentions(model.mask_decoder.transformer):
-                attn.q_proj = LowRankLinear(attn.q_proj, cfg.decoder_lora_rank)
-                attn.v_proj = LowRankLinear(attn.v_proj, cfg.decoder_lora_rank)
     for name, p in model.named_parameters():
         p.requires_grad_(is_adapter_name(name))
     model.adapter_config = cfg

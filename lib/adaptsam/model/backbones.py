@@ -108,11 +108,6 @@ BACKBONES: Dict[str, BackboneSpec] = {
 }
 
 
-def default_weights_dir() -> Path:
-    """`<repo>/model_weights` (this file lives at <repo>/lib/adaptsam/model/backbones.py)."""
-    return Path(__file__).resolve().parents[3] / "model_weights"
-
-
 def package_file(dist: str, relpath: str) -> Path:
     """Path of a data file inside an installed distribution, found from its RECORD.
 
@@ -136,7 +131,9 @@ def resolve_checkpoint(spec: BackboneSpec, weights_dir: Optional[Path] = None) -
     if spec.checkpoint.startswith("package:"):
         dist, relpath = spec.checkpoint[len("package:"):].split("/", 1)
         return package_file(dist, relpath)
-    path = Path(weights_dir or default_weights_dir()) / spec.checkpoint
+    if weights_dir is None:
+        raise CheckpointNotFound(f"backbone {spec.name!r} needs its checkpoint {spec.checkpoint!r} from a weights folder; none was given")
+    path = Path(weights_dir) / spec.checkpoint
     if not path.is_file():
         raise CheckpointNotFound(
             f"backbone {spec.name!r} needs its checkpoint {spec.checkpoint!r} in {path.parent}/ "

@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -30,6 +30,7 @@ class SliceSample:
     geom: SliceGeometry
     plane_label: np.ndarray  # (rows, cols) integer labels on the original grid
     low_res: Dict[int, torch.Tensor]  # object value -> (L, L) bool on the decoder's grid
+    head: Optional[torch.Tensor] = None  # frozen activations entering the trained stage (the trainer caches them)
 
     @property
     def objects(self) -> List[int]:
@@ -43,7 +44,6 @@ class VolumeSamples:
     modality: str
     slices: Dict[int, SliceSample] = field(default_factory=dict)  # every slice (windows need neighbours)
     prompts: List[Dict] = field(default_factory=list)  # clinician prompts recorded at save time
-    field_mm: float = 0.0  # the volume's own field of view: its larger in-plane extent (mm)
 
     def recorded_clicks(self, k: int, value: int) -> List[Tuple[float, float, int]]:
         """Clinician clicks on axial slice k that belong to object `value`, in model-input
@@ -65,51 +65,36 @@ class VolumeSamples:
 
 
 def load_pair(image_path: str, label_path: str, input_size: int, low_res: int, min_area: int, window_choice: str,
-              min_area_fraction: float = 0.0, min_field: float = 0.0) -> VolumeSamples:
-    """One rendering of a labelled volume (see load_renderings), as a field of view at least
-    `min_field` mm wide shows it."""
-    return load_renderings(image_path, label_path, input_size, low_res, min_area, window_choice, min_area_fraction, (min_field,))[0]
-
-
-def load_renderings(image_path: str, label_path: str, input_size: int, low_res: int, min_area: int, window_choice: str,
-                    min_area_fraction: float = 0.0, fields: Sequence[float] = (0.0,)) -> List[VolumeSamples]:
-    """Renderings of a labelled volume, read and windowed once: in display orientation as
-    served, CT in the window `window_choice` picks, one per entry of `fields`, each shown as a
-    field of view that many mm wide would show it (smaller in the model input); an entry not
-    wider than the volume's own field gives its own rendering, once."""
+              min_area_fraction: float = 0.0) -> VolumeSamples:
+    """A labelled volume's axial slices as the server shows them to the model (display
+    orientation, model input size), CT in the window `window_choice` picks."""
     vol = Volume.load(image_path)
     lab = Volume.load(label_path, modality="MR").array
     if lab.shape != vol.shape:
-        raise ValueError(f"label {label_path} has shape {lab.shape}, image {image_path} has {vol.shape}")
+        raise ValueError(f"label {Path(label_path).name} has shape {lab.shape}, image {Path(image_path).name} has {vol.shape}")
     lab = np.rint(lab).astype(np.int32)
     # CT: the server picks the soft-tissue window for organ names and the default otherwise;
     # train on both so either serves well.
     window = vol.window("liver" if window_choice == "soft" and vol.modality == "CT" else None)
     norm = vol.normalized(window)
     rows, cols = plane_shape(vol.shape, AXIAL)
-    spacing = vol.plane_spacing(AXIAL)
-    own = max(rows * spacing[0], cols * spacing[1])
+    geom = SliceGeometry.fit(rows, cols, input_size, vol.plane_spacing(AXIAL), vol.display_flips(AXIAL))
     image_id = Path(image_path).name.split(".")[0]
-    out = []
-    for field_mm in dict.fromkeys(max(own, float(f)) for f in fields):
-        geom = SliceGeometry.fit(rows, cols, input_size, spacing, vol.display_flips(AXIAL), field_mm)
-        vs = VolumeSamples(image_id, vol.shape[AXIAL], vol.modality, field_mm=own)
-        for k in range(vol.shape[AXIAL]):
-            plane = take_slice(norm, AXIAL, k)
-            x = geom.image_to_model(torch.from_numpy(plane).float() / 255.0).half()
-            plane_label = take_slice(lab, AXIAL, k)
-            objs = {}
-            for v in np.unique(plane_label):
-                if v == 0:
-                    continue
-                m = geom.mask_to_model(torch.from_numpy((plane_label == v).astype(np.float32)), low_res)[0, 0] > 0.5
-                if int(m.sum()) >= min_area:
-                    objs[int(v)] = m
-            vs.slices[k] = SliceSample(image_id, k, x, geom, plane_label, objs)
-        if min_area_fraction > 0:
-            _keep_large_cross_sections(vs, min_area_fraction)
-        out.append(vs)
-    return out
+    vs = VolumeSamples(image_id, vol.shape[AXIAL], vol.modality)
+    for k in range(vol.shape[AXIAL]):
+        x = geom.image_to_model(torch.from_numpy(take_slice(norm, AXIAL, k)).float() / 255.0).half()
+        plane_label = take_slice(lab, AXIAL, k)
+        objs = {}
+        for v in np.unique(plane_label):
+            if v == 0:
+                continue
+            m = geom.mask_to_model(torch.from_numpy((plane_label == v).astype(np.float32)), low_res)[0, 0] > 0.5
+            if int(m.sum()) >= min_area:
+                objs[int(v)] = m
+        vs.slices[k] = SliceSample(image_id, k, x, geom, plane_label, objs)
+    if min_area_fraction > 0:
+        _keep_large_cross_sections(vs, min_area_fraction)
+    return vs
 
 
 def _keep_large_cross_sections(vs: VolumeSamples, fraction: float) -> None:

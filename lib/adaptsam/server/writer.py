@@ -7,6 +7,7 @@ import tempfile
 import numpy as np
 
 NIFTI = (".nii", ".nii.gz")
+RESULT_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".seg.nrrd", ".mha")
 
 
 def write_label(label: np.ndarray, affine: np.ndarray, extension: str = ".nii.gz") -> str:

@@ -4,10 +4,13 @@
   `async` but calls the model directly, so one long request (a volume being encoded) blocks
   the event loop for every client. Ours runs the same work in a worker thread; it keeps an
   uploaded mask under its own key (the stock one puts it under `label`, where Slicer puts the
-  segment name), and answers bad input with 4xx and a message instead of a 500.
+  segment name), never lets params name a server file, and answers bad input with 4xx.
 - `GET /adaptsam/progress`: background encoding progress and cache statistics.
-"""
+- `POST /adaptsam/serve/{model}?version=N|latest`: rollback.
 
+The app object is used only through `model_names`, `infer`, `serve_version`,
+`adaptsam_status`, `datastore` and `sessions` (server/app.py).
+"""
 
 import json
 import logging
@@ -20,9 +23,12 @@ from typing import Optional
 from fastapi import APIRouter, BackgroundTasks, File, Form, HTTPException, UploadFile
 from starlette.concurrency import run_in_threadpool
 
-from .engine.errors import RequestError
+from ..engine.errors import RequestError
 
 logger = logging.getLogger(__name__)
+
+# keys of a request the server sets itself; a client's params may not replace them
+SERVER_KEYS = ("model", "image", "mask_prompt", "session", "session_id", "save_label", "label_tag")
 
 
 def build_router(app_getter) -> APIRouter:
@@ -34,24 +40,28 @@ def build_router(app_getter) -> APIRouter:
     router = APIRouter()
 
     def _save_upload(upload: UploadFile, background_tasks: BackgroundTasks) -> str:
-        ext = "".join(pathlib.Path(upload.filename).suffixes) if upload.filename else ".nii.gz"
+        name = pathlib.Path(upload.filename or "upload.nii.gz").name
+        ext = "".join(pathlib.Path(name).suffixes)[-16:] or ".nii.gz"
         fd, path = tempfile.mkstemp(suffix=ext)
         with os.fdopen(fd, "wb") as out:
             shutil.copyfileobj(upload.file, out)
         background_tasks.add_task(remove_file, path)
         return path
 
-    def _infer(model, image, session_id, params, file_path, label_path, output, background_tasks):
+    def _infer(model, image, session_id, params, file_path, label_path):
         instance = app_getter()
-        if model not in instance._infers:
-            raise HTTPException(404, f"unknown model {model!r}; available: {sorted(instance._infers)}")
+        if model not in instance.model_names():
+            raise HTTPException(404, f"unknown model {model!r}; available: {instance.model_names()}")
         try:
             p = json.loads(params) if params else {}
         except ValueError:
             raise HTTPException(422, "params is not valid JSON")
         if not isinstance(p, dict):
             raise HTTPException(422, "params must be a JSON object")
-        request = {"model": model, "image": image}
+        reserved = sorted(k for k in p if k in SERVER_KEYS)
+        if reserved:
+            raise HTTPException(422, f"params may not set {reserved}: the image is chosen by ?image=, a mask by the label upload")
+        request = {**p, "model": model, "image": image}
         if file_path:
             request["image"] = file_path
         elif session_id:
@@ -72,7 +82,6 @@ def build_router(app_getter) -> APIRouter:
                 except Exception as e:
                     raise HTTPException(422, f"uploaded .bin label does not match the image: {e}")
             request["mask_prompt"] = label_path
-        request.update(p)
         try:
             result = instance.infer(request)
         except RequestError as e:
@@ -94,28 +103,20 @@ def build_router(app_getter) -> APIRouter:
     ):
         file_path = _save_upload(file, background_tasks) if file else None
         label_path = _save_upload(label, background_tasks) if label else None
-        instance, result = await run_in_threadpool(
-            _infer, model, image, session_id, params, file_path, label_path, output, background_tasks
-        )
+        instance, result = await run_in_threadpool(_infer, model, image, session_id, params, file_path, label_path)
         return send_response(instance.datastore(), result, output, background_tasks)
 
     @router.post("/adaptsam/serve/{model}")
     async def serve_version(model: str, version: str = "latest"):
-        """Rollback: pin the adapter version `model` serves ("latest" follows new publications)."""
         instance = app_getter()
-        from .app import MODELS
-
-        if model not in MODELS:
-            raise HTTPException(404, f"unknown model {model!r}; available: {sorted(MODELS)}")
-        handle = instance.segmenter(MODELS[model]).handle
+        if model not in instance.model_names():
+            raise HTTPException(404, f"unknown model {model!r}; available: {instance.model_names()}")
         if not (version == "latest" or version.isdigit()):
             raise HTTPException(422, "version must be a published version number or 'latest'")
         try:
-            handle.pin(version)
+            return await run_in_threadpool(instance.serve_version, model, version)
         except FileNotFoundError as e:
             raise HTTPException(404, str(e))
-        serving = await run_in_threadpool(handle.current)
-        return {"model": model, "pinned": handle.pinned or "latest", "serving_version": serving.version}
 
     @router.get("/adaptsam/progress")
     async def progress():

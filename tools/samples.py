@@ -1,6 +1,6 @@
 """Small real sample studies for demos, tests and benchmarks.
 
-``python -m adaptsam.samples fetch [DIR]`` (or :func:`fetch`) builds::
+``python tools/samples.py fetch [DIR]`` (or :func:`fetch`) builds::
 
     DIR/studies/<id>.nii.gz     images only: a MONAI Label LocalDatastore root that
                                 starts unlabelled (clinicians save labels through the
@@ -146,7 +146,7 @@ def default_samples_dir() -> Path:
     env = os.environ.get("ADAPTSAM_SAMPLES")
     if env:
         return Path(env)
-    return Path(__file__).resolve().parents[2] / ".data" / "samples"
+    return Path(__file__).resolve().parents[1] / ".data" / "samples"
 
 
 def studies_dir(samples_dir) -> Path:
@@ -554,7 +554,7 @@ def _build_reference(root: Path, sample: Sample, data: bytes, shape, affine, cla
 
 
 def main(argv: Optional[Iterable[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m adaptsam.samples", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python tools/samples.py", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     fetch_cmd = sub.add_parser("fetch", help="download (once) and build the sample studies")
     fetch_cmd.add_argument("dir", nargs="?", type=Path, help=f"target (default {default_samples_dir()})")

@@ -19,7 +19,10 @@ from monailabel.interfaces.tasks.train import TrainTask
 
 import torch
 
-from .loop import AdapterTrainer, TrainOptions, train_distributed
+from ..engine.request import parse_bool
+from ..training.distributed import train_distributed
+from ..training.loop import AdapterTrainer
+from ..training.options import TrainOptions
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +79,7 @@ class AdaptSamTrainTask(TrainTask):
             raise ValueError("no final labels in the datastore: save corrections before training")
         stats_path = stats_file(self.weights_dir, self.kind)
         gpus = torch.cuda.device_count() if self.device.startswith("cuda") else 0
-        if gpus > 1 and str(request.get("multi_gpu", "true")).lower() != "false":
+        if gpus > 1 and parse_bool(request.get("multi_gpu", True), "multi_gpu"):
             # MONAI Label's multi-GPU path: one process per GPU under torch.distributed
             train_distributed(gpus, datalist=datalist, options=opts, weights_dir=self.weights_dir,
                               backbone=self.backbone, stats_path=stats_path)

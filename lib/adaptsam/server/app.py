@@ -4,6 +4,9 @@ The app class there is `class AdaptSamApp(AdaptSamAppBase, MONAILabelApp)`: MONA
 finds app classes whose direct base is named MONAILabelApp, so the behaviour lives in this mixin.
 MONAI Label rebuilds the whole app in every background job (training, scoring), so
 construction stays cheap: models and the embedding cache are created on first use.
+
+What the routes (routes.py) need from the app is the small interface at the end of this class:
+`model_names`, `infer`, `serve_version`, `adaptsam_status`.
 """
 
 from __future__ import annotations
@@ -13,19 +16,20 @@ import logging
 import threading
 import time
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 from monailabel.interfaces.datastore import DefaultLabelTag
 from monailabel.tasks.activelearning.first import First
 from monailabel.tasks.activelearning.random import Random
 
+from ..engine.allocator import keep_freed_memory
+from ..engine.interactive import InteractiveSegmenter, Runtime
+from ..engine.models import ModelHandle
+from . import routes
 from .config import AppConfig
-from .engine.allocator import keep_freed_memory
-from .engine.interactive import InteractiveSegmenter, Runtime
-from .engine.models import ModelHandle
-from .infers.adaptsam_infer import AdaptSamInfer
-from .strategies.uncertainty import PromptDisagreement
-from .trainers.adaptsam_train import PROMPTS_KEY, AdaptSamTrainTask
+from .infer_task import AdaptSamInfer
+from .strategies import PromptDisagreement
+from .train_task import PROMPTS_KEY, AdaptSamTrainTask
 
 logger = logging.getLogger(__name__)
 
@@ -38,8 +42,8 @@ RECENT_SESSION_S = 1800  # a save this long after the last infer still counts as
 
 
 class AdaptSamAppBase:
-    def __init__(self, app_dir, studies, conf):
-        self.config = AppConfig.from_conf(conf or {})
+    def __init__(self, app_dir, studies, conf, weights_dir):
+        self.config = AppConfig.from_conf(conf or {}, default_weights_dir=weights_dir)
         self._runtime: Optional[Runtime] = None
         self._segmenters: Dict[str, InteractiveSegmenter] = {}
         self._runtime_lock = threading.Lock()
@@ -52,7 +56,7 @@ class AdaptSamAppBase:
             name="AdaptSAM Label",
             description="Interactive segmentation with an adapted Segment Anything model "
             "(box, click and mask prompts; adapters retrained on saved corrections)",
-            version="0.1.0",
+            version="0.2.0",
         )
 
     # ---- models -----------------------------------------------------------------------------
@@ -60,18 +64,11 @@ class AdaptSamAppBase:
     def segmenter(self, kind: str) -> InteractiveSegmenter:
         with self._runtime_lock:
             if self._runtime is None:
-                self._runtime = Runtime(self.config.cache_bytes)
+                self._runtime = Runtime(self.config.cache_bytes, self.config.session_bytes)
             if kind not in self._segmenters:
                 pinned = self.config.adapter_2d if kind == "2d" else self.config.adapter_3d
-                handle = ModelHandle(
-                    kind, self.config.backbone, self.config.weights_dir, self.config.resolved_device(),
-                    pinned=pinned, num_slices=self.config.num_slices,
-                )
-                self._segmenters[kind] = InteractiveSegmenter(
-                    self._runtime, handle, propagate=self.config.propagate, carry_logits=self.config.carry_logits,
-                    guide_corrections=self.config.guide_corrections, carve_clicks=self.config.carve_clicks,
-                    first_click_boxes=self.config.first_click_boxes,
-                )
+                handle = ModelHandle(kind, self.config.backbone, self.config.weights_dir, self.config.resolved_device(), pinned=pinned)
+                self._segmenters[kind] = InteractiveSegmenter(self._runtime, handle, propagate=self.config.propagate)
             return self._segmenters[kind]
 
     def init_infers(self):
@@ -144,21 +141,27 @@ class AdaptSamAppBase:
             path.write_text(json.dumps(state))
             return outcome
 
-    # ---- status ------------------------------------------------------------------------------
+    # ---- what the routes use ------------------------------------------------------------------
+
+    def model_names(self) -> List[str]:
+        return list(MODELS)
+
+    def serve_version(self, model: str, version: str) -> Dict:
+        """Rollback: pin the adapter version `model` serves ("latest" follows new publications)."""
+        handle = self.segmenter(MODELS[model]).handle
+        handle.pin(version)
+        serving = handle.current()
+        return {"model": model, "pinned": handle.pinned or "latest", "serving_version": serving.version}
 
     def adaptsam_status(self) -> Dict:
         rt = self._runtime
-        served = {}
-        for kind, seg in self._segmenters.items():
-            cur = seg.handle._current
-            served[kind] = {"version": cur.version, "model": cur.key, "source": cur.source} if cur else None
         return {
             "backbone": self.config.backbone,
             "device": self.config.resolved_device(),
-            "served": served,
+            "served": {kind: seg.handle.status() for kind, seg in self._segmenters.items()},
             "encoding": rt.encoder.progress() if rt else [],
             "cache": rt.cache.stats() if rt else {},
-            "sessions": len(rt.sessions) if rt else 0,
+            "sessions": rt.sessions.stats() if rt else {},
         }
 
     def info(self):
@@ -171,8 +174,6 @@ class AdaptSamAppBase:
         from monailabel.app import app as fastapi_app
         from monailabel.config import settings
         from monailabel.interfaces.utils.app import app_instance
-
-        from . import routes
 
         routes.install(fastapi_app, app_instance, prefix=settings.MONAI_LABEL_API_STR)
         logger.info("AdaptSAM routes installed (threaded /infer, /adaptsam/progress, /adaptsam/serve)")

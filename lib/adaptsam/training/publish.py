@@ -1,0 +1,33 @@
+"""Writing a run's result: adapter files (atomically, by rename) and the stats viewers poll."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Dict, Sequence
+
+from ..engine.models import published_name
+from ..model import adapter_io
+
+
+def write_json(path: Path, obj) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+def publish(model, weights_dir: Path, kind: str, backbone: str, version: int, train_items: Sequence[Dict],
+            val_items: Sequence[Dict], metrics: Dict, options: Dict, previous_version: int, seconds: float) -> Path:
+    path = Path(weights_dir) / published_name(kind, backbone, version)
+    adapter_io.save_adapters(
+        path, model, version,
+        training_images=[Path(d["image"]).name for d in train_items],
+        validation_images=[Path(d["image"]).name for d in val_items],
+        metrics=metrics, options=options, previous_version=previous_version, train_seconds=round(seconds, 1),
+    )
+    return path
