@@ -1,7 +1,8 @@
 """One interactive request: prompts in voxel indices -> a label volume. Orchestration only.
 
 Validate everything first (request.py), take the prompted slice's embedding from the cache (or
-encode that slice), let the session say what it continues from (sessions.py), decode the slice
+encode that slice), let the session say what it continues from (sessions.py: its last answer on that slice,
+prompted or propagated, is the correction's starting point), decode the slice
 with the one prompt recipe (prompts.py), schedule the rest of the volume for background
 encoding, propagate in volume mode (propagation.py), and record the answer in the session.
 """
@@ -136,11 +137,12 @@ class InteractiveSegmenter:
             timings["propagate"] = time.perf_counter() - t
 
             label = assemble(preds, roi, axis, shape, session.result if req.mode == "slice" else None)
-            session.record(fg, bg, (axis, k), pred.low_res_logits, label, {
+            answered = {(axis, s): p.low_res_logits for s, p in preds.items()}
+            session.record(fg, bg, answered, label, {
                 "foreground": [list(c) for c in fg], "background": [list(c) for c in bg],
                 "roi": [list(r) for r in roi] if roi is not None else None, "label": req.label,
                 "mode": req.mode, "axis": axis, "model": serving.key, "ts": time.time(),
-            })
+            }, replaces_all=req.mode == "volume")
         self.runtime.sessions.commit(session)
         timings["total"] = time.perf_counter() - t0
         return SegmentResult(

@@ -26,25 +26,26 @@ from .errors import RequestError
 
 Click = Tuple[int, int, int]
 SliceKey = Tuple[int, int]  # (axis, slice index)
-MAX_STEPS = 32  # undo depth
+MAX_STEPS = 16  # undo depth
 MAX_SESSION_CLICKS = 256
 
 
 @dataclass
 class Step:
-    """What one request changed, to undo it: the clicks before it and the logits it replaced."""
+    """What one request changed, to undo it: the clicks before it and the logits it replaced
+    (the whole map when the answer replaced every slice, else the slices it changed)."""
 
     foreground: Tuple[Click, ...]
     background: Tuple[Click, ...]
-    slice_key: SliceKey
-    logits_before: Optional[torch.Tensor]
+    logits_before: Dict[SliceKey, Optional[torch.Tensor]]
+    replaced_all: bool
 
 
 @dataclass
 class Session:
     foreground: List[Click] = field(default_factory=list)
     background: List[Click] = field(default_factory=list)
-    logits: Dict[SliceKey, torch.Tensor] = field(default_factory=dict)
+    logits: Dict[SliceKey, torch.Tensor] = field(default_factory=dict)  # every slice of the last answer
     result: Optional[np.ndarray] = None  # last label volume (slice mode edits it in place)
     prompts: Dict = field(default_factory=dict)  # the request that produced `result`, for saving
     history: List[Step] = field(default_factory=list)
@@ -74,10 +75,14 @@ class Session:
             return False
         step = self.history.pop()
         self.foreground, self.background = list(step.foreground), list(step.background)
-        if step.logits_before is None:
-            self.logits.pop(step.slice_key, None)
+        if step.replaced_all:
+            self.logits = dict(step.logits_before)
         else:
-            self.logits[step.slice_key] = step.logits_before
+            for key, before in step.logits_before.items():
+                if before is None:
+                    self.logits.pop(key, None)
+                else:
+                    self.logits[key] = before
         return True
 
     def reset(self) -> None:
@@ -90,13 +95,19 @@ class Session:
         self.logits.clear()
         self.history.clear()
 
-    def record(self, foreground: Sequence[Click], background: Sequence[Click], slice_key: SliceKey,
-               logits: torch.Tensor, result: np.ndarray, prompts: Dict) -> None:
-        """The answer to a request: becomes the state the next correction continues from."""
-        self.history.append(Step(tuple(self.foreground), tuple(self.background), slice_key, self.logits.get(slice_key)))
+    def record(self, foreground: Sequence[Click], background: Sequence[Click], logits: Dict[SliceKey, torch.Tensor],
+               result: np.ndarray, prompts: Dict, replaces_all: bool) -> None:
+        """The answer to a request: becomes the state the next correction continues from.
+        `logits`: the answer's low-res logits per slice; `replaces_all` when the answer is a
+        new volume (volume mode), not an edit of some slices (slice mode)."""
+        before = dict(self.logits) if replaces_all else {key: self.logits.get(key) for key in logits}
+        self.history.append(Step(tuple(self.foreground), tuple(self.background), before, replaces_all))
         del self.history[:-MAX_STEPS]
         self.foreground, self.background = list(foreground), list(background)
-        self.logits[slice_key] = logits
+        if replaces_all:
+            self.logits = dict(logits)
+        else:
+            self.logits.update(logits)
         self.result = result
         self.prompts = prompts
         self.updated = time.time()
@@ -116,8 +127,10 @@ class Session:
 
     @property
     def nbytes(self) -> int:
-        tensors = list(self.logits.values()) + [s.logits_before for s in self.history if s.logits_before is not None]
-        n = sum(t.numel() * t.element_size() for t in tensors)
+        tensors = {id(t): t for t in self.logits.values()}
+        for step in self.history:
+            tensors.update((id(t), t) for t in step.logits_before.values() if t is not None)
+        n = sum(t.numel() * t.element_size() for t in tensors.values())
         return n + (self.result.nbytes if self.result is not None else 0)
 
 
