@@ -96,7 +96,7 @@ def test_session_store_evicts_the_least_recently_used_to_stay_within_its_bytes()
     sessions = []
     for i in range(5):
         s = store.get(f"c{i}", "img", "liver", "m")
-        s.record([(1, 1, 1)], [], {(2, 1): torch.zeros(1, 1, 8, 8)}, volume(), {"i": i}, replaces_all=True)
+        s.record([(1, 1, 1)], [], None, {(2, 1): torch.zeros(1, 1, 8, 8)}, volume(), {"i": i}, replaces_all=True)
         store.commit(s)
         sessions.append(s)
     assert store.stats()["bytes"] <= 3 * (1 << 20) + 4096

@@ -114,7 +114,7 @@ class InteractiveSegmenter:
             timings["encode"] = time.perf_counter() - t
             encoder.schedule(serving, vol, image_key, axis, window, k)
 
-            continuing = session.begin(fg, bg, req.reset)
+            continuing = session.begin(fg, bg, roi, req.reset)
             geom = encoder.geometry(serving, vol, axis)
             clicks = clicks_by_slice(fg, bg, axis)
             kfg, kbg = clicks.get(k, ([], []))
@@ -138,7 +138,7 @@ class InteractiveSegmenter:
 
             label = assemble(preds, roi, axis, shape, session.result if req.mode == "slice" else None)
             answered = {(axis, s): p.low_res_logits for s, p in preds.items()}
-            session.record(fg, bg, answered, label, {
+            session.record(fg, bg, roi, answered, label, {
                 "foreground": [list(c) for c in fg], "background": [list(c) for c in bg],
                 "roi": [list(r) for r in roi] if roi is not None else None, "label": req.label,
                 "mode": req.mode, "axis": axis, "model": serving.key, "ts": time.time(),

@@ -5,9 +5,9 @@ clicks, the low-res logits of its last answer on each prompted slice (the next c
 prompt), its last result volume, and a short undo history. Two clients never share one.
 
 Slicer and OHIF send the whole click list with every request; `begin` maps that list onto the
-operations: clicks added to the session's continue it; a dropped click undoes steps until the
-session holds a strict subset of the request's clicks, so re-decoding gives exactly what the
-user saw before that click; `reset_state` starts over. The store is bounded by memory (least
+operations: clicks (or a box) added to the session's prompts continue it; a dropped click
+undoes steps until the session holds a strict subset of the request's prompts, so re-decoding
+gives exactly what the user saw before that click; `reset_state` starts over. The store is bounded by memory (least
 recently used sessions go first) and by age.
 """
 
@@ -26,6 +26,7 @@ from .errors import RequestError
 
 Click = Tuple[int, int, int]
 SliceKey = Tuple[int, int]  # (axis, slice index)
+Roi = Tuple[Tuple[int, int], ...]  # per-axis inclusive ranges
 MAX_STEPS = 16  # undo depth
 MAX_SESSION_CLICKS = 256
 
@@ -37,6 +38,7 @@ class Step:
 
     foreground: Tuple[Click, ...]
     background: Tuple[Click, ...]
+    roi: Optional[Roi]
     logits_before: Dict[SliceKey, Optional[torch.Tensor]]
     replaced_all: bool
 
@@ -45,6 +47,7 @@ class Step:
 class Session:
     foreground: List[Click] = field(default_factory=list)
     background: List[Click] = field(default_factory=list)
+    roi: Optional[Roi] = None  # the box the last answer was given
     logits: Dict[SliceKey, torch.Tensor] = field(default_factory=dict)  # every slice of the last answer
     result: Optional[np.ndarray] = None  # last label volume (slice mode edits it in place)
     prompts: Dict = field(default_factory=dict)  # the request that produced `result`, for saving
@@ -54,9 +57,11 @@ class Session:
 
     # ---- operations ---------------------------------------------------------------------------
 
-    def begin(self, foreground: Sequence[Click], background: Sequence[Click], reset: bool = False) -> bool:
-        """Take a request's full click lists; True when it continues the session (the previous
-        logits then go into the decoder), False when it starts afresh."""
+    def begin(self, foreground: Sequence[Click], background: Sequence[Click], roi: Optional[Roi] = None,
+              reset: bool = False) -> bool:
+        """Take a request's full prompt (click lists and box); True when it continues the session
+        (the previous logits then go into the decoder), False when it starts afresh. A request
+        continues when it keeps the session's box (or adds one) and its clicks, and adds some."""
         if len(foreground) + len(background) > MAX_SESSION_CLICKS:
             raise RequestError(f"{len(foreground) + len(background)} clicks in one session; at most "
                                f"{MAX_SESSION_CLICKS} (send reset_state to start over)", status_code=413)
@@ -64,17 +69,18 @@ class Session:
             self.reset()
             return False
         fg, bg = Counter(foreground), Counter(background)  # multisets: a click may be repeated
-        while self._clicks and not self._strictly_within(fg, bg):
+        roi = _as_roi(roi)
+        while self._prompted and not self._strictly_within(fg, bg, roi):
             if not self.undo():
                 self.clear_clicks()
-        return bool(self._clicks)
+        return self._prompted
 
     def undo(self) -> bool:
         """Go back to the state before the last step; False when there is nothing to undo."""
         if not self.history:
             return False
         step = self.history.pop()
-        self.foreground, self.background = list(step.foreground), list(step.background)
+        self.foreground, self.background, self.roi = list(step.foreground), list(step.background), step.roi
         if step.replaced_all:
             self.logits = dict(step.logits_before)
         else:
@@ -91,19 +97,19 @@ class Session:
         self.prompts = {}
 
     def clear_clicks(self) -> None:
-        self.foreground, self.background = [], []
+        self.foreground, self.background, self.roi = [], [], None
         self.logits.clear()
         self.history.clear()
 
-    def record(self, foreground: Sequence[Click], background: Sequence[Click], logits: Dict[SliceKey, torch.Tensor],
-               result: np.ndarray, prompts: Dict, replaces_all: bool) -> None:
+    def record(self, foreground: Sequence[Click], background: Sequence[Click], roi: Optional[Roi],
+               logits: Dict[SliceKey, torch.Tensor], result: np.ndarray, prompts: Dict, replaces_all: bool) -> None:
         """The answer to a request: becomes the state the next correction continues from.
         `logits`: the answer's low-res logits per slice; `replaces_all` when the answer is a
         new volume (volume mode), not an edit of some slices (slice mode)."""
         before = dict(self.logits) if replaces_all else {key: self.logits.get(key) for key in logits}
-        self.history.append(Step(tuple(self.foreground), tuple(self.background), before, replaces_all))
+        self.history.append(Step(tuple(self.foreground), tuple(self.background), self.roi, before, replaces_all))
         del self.history[:-MAX_STEPS]
-        self.foreground, self.background = list(foreground), list(background)
+        self.foreground, self.background, self.roi = list(foreground), list(background), _as_roi(roi)
         if replaces_all:
             self.logits = dict(logits)
         else:
@@ -118,12 +124,14 @@ class Session:
     # ---- accounting ---------------------------------------------------------------------------
 
     @property
-    def _clicks(self) -> bool:
-        return bool(self.foreground or self.background)
+    def _prompted(self) -> bool:
+        return bool(self.foreground or self.background or self.roi is not None)
 
-    def _strictly_within(self, fg: Counter, bg: Counter) -> bool:
+    def _strictly_within(self, fg: Counter, bg: Counter, roi: Optional[Roi]) -> bool:
         mine_fg, mine_bg = Counter(self.foreground), Counter(self.background)
-        return mine_fg <= fg and mine_bg <= bg and (mine_fg, mine_bg) != (fg, bg)
+        if self.roi is not None and self.roi != roi:
+            return False
+        return mine_fg <= fg and mine_bg <= bg and (mine_fg, mine_bg, self.roi) != (fg, bg, roi)
 
     @property
     def nbytes(self) -> int:
@@ -132,6 +140,10 @@ class Session:
             tensors.update((id(t), t) for t in step.logits_before.values() if t is not None)
         n = sum(t.numel() * t.element_size() for t in tensors.values())
         return n + (self.result.nbytes if self.result is not None else 0)
+
+
+def _as_roi(roi) -> Optional[Roi]:
+    return None if roi is None else tuple(tuple(int(v) for v in r) for r in roi)
 
 
 SessionKey = Tuple[str, str, str, str]  # (client, image, label, model)
