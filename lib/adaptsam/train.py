@@ -24,7 +24,7 @@ def parser() -> argparse.ArgumentParser:
                     help="an image and its label map on the same grid (each label value is one object)")
     ap.add_argument("--out", default="model_weights", help="weights folder to publish into (default: ./model_weights)")
     ap.add_argument("--backbone", default="litemedsam")
-    add_arguments(ap, val_split=0.0, max_epochs=12)
+    add_arguments(ap, val_split=0.0, max_epochs=12, publish="always")
     return ap
 
 

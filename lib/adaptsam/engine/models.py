@@ -25,6 +25,7 @@ from ..model.sam import PromptableSam
 
 logger = logging.getLogger(__name__)
 
+CANDIDATES = "candidates"  # training results the publish gate kept back (training/gate.py)
 PUBLISHED = re.compile(r"^adaptsam_(?P<kind>2d|3d)_(?P<backbone>[a-z0-9_]+)_v(?P<version>\d+)\.pt$")
 
 
@@ -81,15 +82,24 @@ class ModelHandle:
         self._base: Optional[PromptableSam] = None
 
     def pin(self, version: str) -> None:
-        """Serve exactly this version from now on (rollback); "" or "latest" follows new ones."""
+        """Serve exactly this version from now on (rollback), or a kept training candidate
+        ("cN"); "" or "latest" follows new publications."""
         version = "" if str(version).lower() in ("", "latest") else str(version)
         if version:
-            path = self.weights_dir / published_name(self.kind, self.backbone, int(version)) if version.isdigit() else Path(version)
+            path = self._pinned_path(version)
             if not path.is_file():
-                raise FileNotFoundError(f"no published {self.kind} adapter version {version} ({path.name})")
+                raise FileNotFoundError(f"no {self.kind} adapter {version} ({path.name})")
         with self._lock:
             self.pinned = version
             self._checked = 0.0
+
+    def _pinned_path(self, version: str) -> Path:
+        if version.isdigit():
+            return self.weights_dir / published_name(self.kind, self.backbone, int(version))
+        if version[:1] == "c" and version[1:].isdigit():
+            return self.weights_dir / CANDIDATES / f"adaptsam_{self.kind}_{self.backbone}_{version}.pt"
+        p = Path(version)
+        return p if p.is_absolute() else self.weights_dir / p
 
     def status(self) -> Optional[Dict[str, Any]]:
         """What is being served (None before the first request loads a model)."""
@@ -98,10 +108,7 @@ class ModelHandle:
 
     def _wanted(self) -> Optional[Path]:
         if self.pinned:
-            if self.pinned.isdigit():
-                return self.weights_dir / published_name(self.kind, self.backbone, int(self.pinned))
-            p = Path(self.pinned)
-            return p if p.is_absolute() else self.weights_dir / p
+            return self._pinned_path(self.pinned)
         versions = published_versions(self.weights_dir, self.kind, self.backbone)
         return versions[-1][1] if versions else None
 

@@ -24,7 +24,8 @@ from monailabel.tasks.activelearning.random import Random
 
 from ..engine.allocator import keep_freed_memory
 from ..engine.interactive import InteractiveSegmenter, Runtime
-from ..engine.models import ModelHandle
+from ..engine.models import CANDIDATES, ModelHandle
+from ..training import gate
 from . import routes
 from .config import AppConfig
 from .infer_task import AdaptSamInfer
@@ -152,6 +153,18 @@ class AdaptSamAppBase:
         handle.pin(version)
         serving = handle.current()
         return {"model": model, "pinned": handle.pinned or "latest", "serving_version": serving.version}
+
+    def candidates(self, model: str) -> List[Dict]:
+        return gate.list_candidates(Path(self.config.weights_dir), MODELS[model], self.config.backbone)
+
+    def publish_candidate(self, model: str, candidate: str, user: str = "") -> Dict:
+        """The manual override of the publish gate: serve a kept candidate as the next version."""
+        path = Path(self.config.weights_dir) / CANDIDATES / f"adaptsam_{MODELS[model]}_{self.config.backbone}_{candidate}.pt"
+        if not (candidate[:1] == "c" and candidate[1:].isdigit()) or not path.is_file():
+            raise FileNotFoundError(f"no {model} candidate {candidate!r}")
+        published = gate.publish_candidate(path, Path(self.config.weights_dir), f"published by hand over the gate{f' by {user}' if user else ''}")
+        logger.warning("publish gate overridden: %s candidate %s published as %s", model, candidate, published.name)
+        return {"model": model, "candidate": candidate, "published": published.name}
 
     def adaptsam_status(self) -> Dict:
         rt = self._runtime

@@ -52,7 +52,7 @@ class AppConfig:
     adapter_2d: str = ""
     adapter_3d: str = ""
     labels: Tuple[str, ...] = DEFAULT_LABELS
-    auto_train_every: int = 5
+    auto_train_every: int = 1
     auto_train_models: Tuple[str, ...] = ("adaptsam",)
     train_defaults: Tuple[Tuple[str, str], ...] = ()
 

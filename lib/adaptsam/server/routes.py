@@ -111,10 +111,29 @@ def build_router(app_getter) -> APIRouter:
         instance = app_getter()
         if model not in instance.model_names():
             raise HTTPException(404, f"unknown model {model!r}; available: {instance.model_names()}")
-        if not (version == "latest" or version.isdigit()):
-            raise HTTPException(422, "version must be a published version number or 'latest'")
+        if not (version == "latest" or version.isdigit() or (version[:1] == "c" and version[1:].isdigit())):
+            raise HTTPException(422, "version must be a published version number, a candidate (cN) or 'latest'")
         try:
             return await run_in_threadpool(instance.serve_version, model, version)
+        except FileNotFoundError as e:
+            raise HTTPException(404, str(e))
+
+    @router.get("/adaptsam/candidates/{model}")
+    async def candidates(model: str):
+        """Training results the publish gate kept back, with why."""
+        instance = app_getter()
+        if model not in instance.model_names():
+            raise HTTPException(404, f"unknown model {model!r}; available: {instance.model_names()}")
+        return instance.candidates(model)
+
+    @router.post("/adaptsam/candidates/{model}/publish")
+    async def publish_candidate(model: str, candidate: str):
+        """Override the gate: publish a kept candidate as the next version (logged)."""
+        instance = app_getter()
+        if model not in instance.model_names():
+            raise HTTPException(404, f"unknown model {model!r}; available: {instance.model_names()}")
+        try:
+            return await run_in_threadpool(instance.publish_candidate, model, candidate)
         except FileNotFoundError as e:
             raise HTTPException(404, str(e))
 

@@ -23,6 +23,7 @@ from ..engine.request import parse_bool
 from ..training.distributed import train_distributed
 from ..training.loop import AdapterTrainer
 from ..training.options import TrainOptions
+from .datalist import structure_names
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +39,7 @@ def datalist_with_prompts(datastore: Datastore):
     for d in datastore.datalist():
         image_id = Path(d["image"]).name.split(".")[0]
         info = datastore.get_label_info(image_id, DefaultLabelTag.FINAL.value) or {}
-        items.append({**d, "prompts": info.get(PROMPTS_KEY, [])})
+        items.append({**d, "prompts": info.get(PROMPTS_KEY, []), "names": structure_names(info)})
     return items
 
 
@@ -46,7 +47,8 @@ class AdaptSamTrainTask(TrainTask):
     def __init__(self, kind: str, weights_dir: str, backbone: str, device: str):
         super().__init__(
             f"Retrain the {kind} adapters only (base weights frozen) on the datastore's final labels, "
-            "with simulated box/click interaction; publishes the best epoch atomically"
+            "with simulated box/click interaction; the result is published only when the interactive "
+            "protocol measures it better on the site's held-out labels"
         )
         self.kind = kind
         self.weights_dir = Path(weights_dir)
@@ -62,7 +64,8 @@ class AdaptSamTrainTask(TrainTask):
             "val_split": d.val_split,
             "train_batch_size": d.train_batch_size if self.kind == "2d" else 1,
             "seed": d.seed,
-            "max_minutes": 25.0,
+            "max_minutes": 15.0,
+            "publish": d.publish,
             **self.defaults,
         }
 

@@ -29,9 +29,10 @@ import torch
 
 from ..engine.allocator import keep_freed_memory
 from ..engine.encoder import window_group
+from ..model import adapter_io
 from ..model.adapters import adapter_state_dict, set_adapter_training_mode
 from ..model.encoder_split import encode_head, encode_tail
-from . import distributed, publish, starting_point, validation
+from . import distributed, gate, publish, starting_point, validation
 from .data import VolumeSamples, load_pair, split_by_image
 from .losses import round_loss
 from .options import TrainOptions
@@ -205,6 +206,10 @@ class AdapterTrainer:
         embeddings = self.embed_all(train) if decoder_epochs > 0 else None
         lead = self.rank == 0
         validate = lambda: validation.validate(served, val, self.split, self.opt.val_pairs, self.device, self.ensure_heads) if val and lead else {}
+        self.gate = gate.Gate(self.weights_dir, self.opt.kind, self.backbone, val_items, str(self.device), self.log)
+        if lead and self.opt.publish == "gate" and self.gate.can_measure:
+            self.gate.measure_references()
+            self.log(f"gate references on {len(val_items)} validation image(s): {self.gate.references}")
         best, best_state = -1.0, None
         baseline = validate()
         if baseline:
@@ -256,23 +261,45 @@ class AdapterTrainer:
         return self._finish(start, best_state, best, stats, train_items, val_items, t0)
 
     def _over_budget(self, t0: float) -> bool:
-        return bool(self.opt.max_minutes) and time.time() - t0 > 60 * self.opt.max_minutes
+        """Past the time budget, less what measuring the candidate at the gate will take."""
+        reserve = getattr(self, "gate", None).seconds_per_model if getattr(self, "gate", None) else 0.0
+        return bool(self.opt.max_minutes) and time.time() - t0 > 60 * self.opt.max_minutes - reserve
 
     def _finish(self, start, best_state, best, stats, train_items, val_items, t0) -> TrainResult:
-        if best_state is None:
-            self.log("no epoch beat the adapter we started from; nothing published")
+        def done(result: TrainResult) -> TrainResult:
             stats["state"] = "DONE"
+            stats["total_time"] = round(time.time() - t0, 1)
             if self.stats_path:
                 publish.write_json(self.stats_path, stats)
-            return TrainResult(None, start.base_version, best, stats)
+            return result
+
+        if best_state is None:
+            self.log("no epoch beat the adapter we started from; nothing published")
+            stats["gate"] = {"publish": False, "reason": "no epoch beat the adapter the run started from"}
+            return done(TrainResult(None, start.base_version, best, stats))
         self.model.load_state_dict(best_state, strict=False)
         # without validation images the "metric" is minus the training loss: say so
         metrics = ({"best_val_dice": round(best, 4), **{f"val_{k}": v for k, v in stats.get("val_dice", {}).items()}} if val_items
                    else {"final_train_loss": round(-best, 4), **{f"train_{k}": v for k, v in stats.get("train_dice", {}).items()}})
-        path = publish.publish(self.model, self.weights_dir, self.opt.kind, self.backbone, start.next_version, train_items, val_items,
-                               metrics, {**self.opt.to_dict(), "carry_logits": True}, start.base_version, time.time() - t0)
-        stats.update(state="DONE", adapter_version=start.next_version, published=path.name)
-        if self.stats_path:
-            publish.write_json(self.stats_path, stats)
-        self.log(f"published {path.name} ({'best validation Dice' if val_items else 'minus final training loss'} {best:.4f})")
-        return TrainResult(str(path), start.next_version, best, stats)
+        options = {**self.opt.to_dict(), "carry_logits": True}
+        if self.opt.publish == "always":
+            path = publish.publish(self.model, self.weights_dir, self.opt.kind, self.backbone, start.next_version, train_items, val_items,
+                                   metrics, options, start.base_version, time.time() - t0)
+            self.log(f"published {path.name} without the gate (publish=always)")
+            stats.update(adapter_version=start.next_version, published=path.name, gate={"publish": True, "reason": "publish=always: not measured"})
+            return done(TrainResult(str(path), start.next_version, best, stats))
+        candidate = gate.candidate_path(self.weights_dir, self.opt.kind, self.backbone)
+        publish.save_candidate(self.model, candidate, start.next_version, train_items, val_items, metrics, options,
+                               start.base_version, time.time() - t0)
+        decision = self.gate.decide(candidate)
+        gate.write_report(candidate, decision)
+        stats["gate"] = decision.to_dict()
+        stats["candidate"] = candidate.stem
+        self.log(f"gate: {'publish' if decision.publish else 'keep as candidate'} {candidate.name}: {decision.reason}")
+        if not decision.publish:
+            return done(TrainResult(None, start.base_version, best, stats))
+        path = gate.publish_candidate(candidate, self.weights_dir, decision.reason)
+        version = adapter_io.read_adapter_meta(path)["version"]
+        stats.update(adapter_version=version, published=path.name)
+        self.log(f"published {path.name}")
+        return done(TrainResult(str(path), version, best, stats))

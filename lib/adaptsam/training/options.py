@@ -10,6 +10,7 @@ from typing import Any, Dict
 from ..engine.request import parse_bool
 
 KINDS = ("2d", "3d")
+PUBLISH = ("gate", "always")
 
 
 def _opt(default, help: str, cli: bool = True):
@@ -39,10 +40,15 @@ class TrainOptions:
     decoder_epochs: int = _opt(-1, "leading epochs training only the decoder adapter on cached embeddings (-1: half)")
     decoder_blocks: int = _opt(0, "decoder two-way blocks with adapters (0: as the adapter this run starts from, else 1)")
     carve_clicks: bool = _opt(False, "correction rounds carve the clicks into the carried logits, as served")
+    publish: str = _opt("gate", "gate: publish only a candidate the interactive protocol measures better than the served "
+                                "version on the validation images (and not worse than the base model at boxes); "
+                                "always: publish the best epoch unmeasured (logged)")
 
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {self.kind!r}")
+        if self.publish not in PUBLISH:
+            raise ValueError(f"publish must be one of {PUBLISH}, got {self.publish!r}")
 
     @classmethod
     def option_names(cls):
@@ -84,8 +90,8 @@ def add_arguments(parser: argparse.ArgumentParser, **defaults) -> None:
         flag = "--" + f.name.replace("_", "-")
         if isinstance(f.default, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=f.metadata["help"])
-        elif f.name == "kind":
-            parser.add_argument(flag, choices=KINDS, default=default, help=f.metadata["help"])
+        elif f.name in ("kind", "publish"):
+            parser.add_argument(flag, choices=KINDS if f.name == "kind" else PUBLISH, default=default, help=f.metadata["help"])
         else:
             parser.add_argument(flag, type=type(f.default), default=default, help=f.metadata["help"])
 

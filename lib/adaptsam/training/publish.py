@@ -21,9 +21,7 @@ def write_json(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
-def publish(model, weights_dir: Path, kind: str, backbone: str, version: int, train_items: Sequence[Dict],
-            val_items: Sequence[Dict], metrics: Dict, options: Dict, previous_version: int, seconds: float) -> Path:
-    path = Path(weights_dir) / published_name(kind, backbone, version)
+def _save(model, path: Path, version: int, train_items, val_items, metrics, options, previous_version, seconds) -> Path:
     adapter_io.save_adapters(
         path, model, version,
         training_images=[Path(d["image"]).name for d in train_items],
@@ -31,3 +29,15 @@ def publish(model, weights_dir: Path, kind: str, backbone: str, version: int, tr
         metrics=metrics, options=options, previous_version=previous_version, train_seconds=round(seconds, 1),
     )
     return path
+
+
+def save_candidate(model, path: Path, version: int, train_items: Sequence[Dict], val_items: Sequence[Dict], metrics: Dict,
+                   options: Dict, previous_version: int, seconds: float) -> Path:
+    """A run's result before the gate: outside the folder the server serves from."""
+    return _save(model, Path(path), version, train_items, val_items, metrics, options, previous_version, seconds)
+
+
+def publish(model, weights_dir: Path, kind: str, backbone: str, version: int, train_items: Sequence[Dict],
+            val_items: Sequence[Dict], metrics: Dict, options: Dict, previous_version: int, seconds: float) -> Path:
+    return _save(model, Path(weights_dir) / published_name(kind, backbone, version), version, train_items, val_items,
+                 metrics, options, previous_version, seconds)

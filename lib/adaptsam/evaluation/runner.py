@@ -1,0 +1,87 @@
+"""Several model versions side by side on the same labelled volumes, each through its own
+serving runtime (so no version is ever answered from another's embeddings)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence
+
+import numpy as np
+
+from ..engine.interactive import InteractiveSegmenter, Runtime
+from ..engine.models import ModelHandle, published_versions
+from ..engine.volume import Volume
+from .protocol import Protocol, evaluate_volume, summarise
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Case:
+    """One labelled volume: each label value one structure, named by `names` where known."""
+
+    image_id: str
+    image_path: str
+    label_path: str
+    names: Dict[int, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A version to evaluate: `pinned` is a version number or file ("" = the newest published;
+    with no adapter file at all the handle serves the base model)."""
+
+    kind: str
+    weights_dir: str
+    pinned: str = ""
+    backbone: str = "litemedsam"
+
+
+def base_spec(empty_dir: str, backbone: str = "litemedsam") -> ModelSpec:
+    """The base model: a handle on a folder without adapter files."""
+    return ModelSpec("2d", empty_dir, "", backbone)
+
+
+def published_specs(weights_dir: str, kind: str, backbone: str = "litemedsam", last: int = 0) -> Dict[str, ModelSpec]:
+    versions = published_versions(Path(weights_dir), kind, backbone)
+    if last:
+        versions = versions[-last:]
+    return {f"{kind}_v{v}": ModelSpec(kind, weights_dir, str(v), backbone) for v, _ in versions}
+
+
+def load_case(case: Case):
+    image = Volume.load(case.image_path)
+    label = np.rint(Volume.load(case.label_path, modality="MR").array).astype(np.int32)
+    if label.shape != image.shape:
+        raise ValueError(f"{case.image_id}: label shape {label.shape} is not the image's {image.shape}")
+    return image, label
+
+
+def evaluate_models(models: Dict[str, ModelSpec], cases: Sequence[Case], protocol: Protocol = Protocol(),
+                    device: str = "cpu", log: Optional[Callable[[str], None]] = None, cache_bytes: int = 2 << 30,
+                    only: Optional[List[str]] = None) -> Dict:
+    """{"protocol": ..., "models": {name: {"summary": ..., "structures": [...], "seconds": ...}}}"""
+    log = log or logger.info
+    loaded = [(case, *load_case(case)) for case in cases]
+    report = {"protocol": protocol.__dict__, "cases": [c.image_id for c in cases], "models": {}}
+    for name, spec in models.items():
+        t0 = time.time()
+        runtime = Runtime(cache_bytes)
+        try:
+            handle = ModelHandle(spec.kind, spec.backbone, spec.weights_dir, device, pinned=spec.pinned)
+            segmenter = InteractiveSegmenter(runtime, handle)
+            serving = runtime.serving(handle)
+            log(f"{name}: {serving.key}")
+            rows = []
+            for case, image, label in loaded:
+                rows += evaluate_volume(segmenter, case.image_path, case.image_id, label, tuple(image.spacing), case.names,
+                                        protocol, log, only)
+        finally:
+            runtime.stop()
+        report["models"][name] = {"model": serving.key, "summary": summarise(rows, protocol), "structures": rows,
+                                  "seconds": round(time.time() - t0, 1)}
+        log(f"{name}: {report['models'][name]['summary']}")
+    return report

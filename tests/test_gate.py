@@ -1,0 +1,121 @@
+"""The publish gate and the built-in evaluation, in process on real volumes and the real model:
+a candidate that is better than what is served is published, one made worse on purpose is kept
+back with its reason and can still be pinned; the evaluation report has what a person reads."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+import samples
+from adaptsam.engine.models import ModelHandle, published_versions
+from adaptsam.evaluation import report as report_io
+from adaptsam.evaluation.protocol import Protocol, summarise
+from adaptsam.evaluation.runner import Case, ModelSpec, base_spec, evaluate_models
+from adaptsam.model import adapter_io
+from adaptsam.training import gate
+from server_util import WEIGHTS
+
+STRUCTURES = ("liver", "spleen", "kidney_right")
+QUICK = Protocol(corrections=2, max_clicks=3, report_clicks=(1, 3))
+
+
+@pytest.fixture(scope="module")
+def case(samples_dir, tmp_path_factory):
+    """mr_3mm with three of its silver structures as the saved label (values 1..3, named)."""
+    label, affine, names = samples.load_reference(samples_dir, "mr_3mm")
+    out = np.zeros(label.shape, np.uint8)
+    for i, name in enumerate(STRUCTURES, 1):
+        out[label == samples.label_value(samples_dir, "mr_3mm", name)] = i
+    path = tmp_path_factory.mktemp("gate") / "mr_3mm_label.nii.gz"
+    nib.save(nib.Nifti1Image(out, affine), str(path))
+    return {"image": str(samples.image_path(samples_dir, "mr_3mm")), "label": str(path),
+            "names": {i: n for i, n in enumerate(STRUCTURES, 1)}}
+
+
+def shipped_2d():
+    return published_versions(WEIGHTS, "2d", "litemedsam")[-1][1]
+
+
+def test_judge_rules():
+    base = {"box": 0.70, "score": 0.50}
+    served = {"box": 0.75, "score": 0.60}
+    assert gate.judge({"box": 0.80, "score": 0.61}, served, base).publish
+    assert not gate.judge({"box": 0.80, "score": 0.60}, served, base).publish  # not better than served
+    worse_box = gate.judge({"box": 0.685, "score": 0.90}, served, base)
+    assert not worse_box.publish and "box Dice" in worse_box.reason
+    assert gate.judge({"box": 0.695, "score": 0.51}, None, base).publish  # nothing served: beat the base model
+
+
+def test_better_candidate_published_worse_one_kept_and_pinnable(case, tmp_path):
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    # nothing published yet: the reference is the base model; the shipped 2D adapter, which was
+    # trained on this volume, is the "better" candidate
+    g = gate.Gate(weights, "2d", "litemedsam", [case], log=print, protocol=QUICK)
+    g.measure_references()
+    assert set(g.references) == {"base"}
+    better = gate.candidate_path(weights, "2d", "litemedsam")
+    better.parent.mkdir()
+    shutil.copy2(shipped_2d(), better)
+    decision = g.decide(better)
+    print(decision.reason)
+    assert decision.publish and decision.scores["candidate"]["score"] > decision.scores["base"]["score"]
+    published = gate.publish_candidate(better, weights, decision.reason)
+    assert published.name == "adaptsam_2d_litemedsam_v1.pt"
+    assert adapter_io.read_adapter_meta(published)["published_because"] == decision.reason
+
+    # a candidate made worse on purpose: the served adapter's tensors with noise on them
+    payload = adapter_io.read_adapter_file(published)
+    gen = torch.Generator().manual_seed(0)
+    payload["state_dict"] = {k: v + 0.5 * v.std() * torch.randn(v.shape, generator=gen) if v.numel() > 1 else v
+                             for k, v in payload["state_dict"].items()}
+    worse = gate.candidate_path(weights, "2d", "litemedsam")
+    assert worse.name.endswith("_c2.pt")
+    torch.save(payload, worse)
+    g = gate.Gate(weights, "2d", "litemedsam", [case], log=print, protocol=QUICK)
+    g.measure_references()
+    assert set(g.references) == {"base", "served"}
+    decision = g.decide(worse)
+    print(decision.reason)
+    assert not decision.publish
+    gate.write_report(worse, decision)
+    listed = gate.list_candidates(weights, "2d", "litemedsam")
+    assert [c["candidate"] for c in listed] == ["c1", "c2"] and listed[1]["publish"] is False and listed[1]["reason"]
+    assert [v for v, _ in published_versions(weights, "2d", "litemedsam")] == [1]  # nothing new served
+    handle = ModelHandle("2d", "litemedsam", weights, "cpu")
+    assert handle.current().version == 1
+    handle.pin("c2")  # a kept candidate can still be looked at
+    assert handle.current().source.endswith("_c2.pt")
+
+
+def test_without_a_validation_image_nothing_is_published(tmp_path):
+    g = gate.Gate(tmp_path, "2d", "litemedsam", [], log=print)
+    assert not g.can_measure
+    decision = g.decide(tmp_path / "x.pt")
+    assert not decision.publish and "single saved label" in decision.reason
+
+
+def test_evaluation_report_has_the_protocol_metrics_and_plots(case, tmp_path):
+    cases = [Case("mr_3mm", case["image"], case["label"], case["names"])]
+    models = {"base": base_spec(str(tmp_path / "empty")), "2d": ModelSpec("2d", str(WEIGHTS))}
+    (tmp_path / "empty").mkdir()
+    report = evaluate_models(models, cases, QUICK, log=print, only=["liver", "spleen"])
+    rows = report["models"]["2d"]["structures"]
+    assert [r["structure"] for r in rows] == ["liver", "spleen"]
+    for r in rows:
+        assert len(r["box_steps"]) == 1 + QUICK.corrections and len(r["click_steps"]) <= QUICK.max_clicks
+        assert 0 <= r["box_final_nsd"] <= 1 and r["box_auc"] <= max(r["box_steps"]) + 1e-9
+    s = summarise(rows, QUICK)
+    assert s["structures"] == 2 and s["score"] == round((s["box_auc"] + s["click_auc"]) / 2, 4)
+    # the adapter that trained on this volume answers its clicks far better than the base model
+    assert report["models"]["2d"]["summary"]["click1"] > report["models"]["base"]["summary"]["click1"] + 0.3
+    paths = report_io.write(report, tmp_path / "out")
+    assert json.loads(paths["json"].read_text())["models"]["2d"]["summary"] == report["models"]["2d"]["summary"]
+    assert paths["dice_per_interaction"].stat().st_size > 10_000 and paths["final_dice_per_structure"].stat().st_size > 10_000
+    assert "| 2d |" in paths["table"].read_text()
