@@ -18,7 +18,9 @@ from adaptsam.engine.models import published_versions
 from server_util import WEIGHTS, copy_studies, running_server
 
 IMAGE = "mr_3mm"
-FAST_TRAIN = {"train_max_epochs": "1", "train_steps_per_epoch": "2", "train_train_batch_size": "2", "train_val_split": "0"}
+# a two-step run, published without the gate (its override): these tests are about the mechanics
+FAST_TRAIN = {"train_max_epochs": "1", "train_steps_per_epoch": "2", "train_train_batch_size": "2", "train_val_split": "0",
+              "train_publish": "always"}
 
 
 def client(url, name="trainer"):
@@ -139,3 +141,48 @@ def test_auto_trigger_fires_after_n_saves_and_never_twice_at_once(samples_dir, t
         assert fifth.get("auto_train", "").startswith("started"), fifth
         assert wait_for_training(url)["status"] == "DONE"
         assert len(requests.get(f"{url}/train/", params={"all": "true"}, timeout=30).json()) == 2
+
+
+def _partial_label(samples_dir, image_id, names, path):
+    """The silver label of `image_id` with only `names` kept (values 1..n), as a saved label."""
+    import nibabel as nib
+    import numpy as np
+
+    label, affine, _ = samples.load_reference(samples_dir, image_id)
+    out = np.zeros(label.shape, np.uint8)
+    for i, name in enumerate(names, 1):
+        out[label == samples.label_value(samples_dir, image_id, name)] = i
+    nib.save(nib.Nifti1Image(out, affine), str(path))
+    return {"label_info": [{"name": n, "idx": i} for i, n in enumerate(names, 1)]}
+
+
+def test_the_gate_keeps_a_worse_candidate_back_and_says_why(samples_dir, tmp_path, weights):
+    """A run with a learning rate that wrecks the adapters: its candidate is measured on the
+    held-out saved label, kept back (not served), listed with the reason in /info and
+    /adaptsam/candidates, can be pinned for a look, and published by hand (the override)."""
+    shipped = published_versions(WEIGHTS, "2d", "litemedsam")[-1]
+    shutil.copy2(shipped[1], weights)
+    studies = copy_studies(samples_dir, tmp_path / "studies", image_ids={IMAGE, "ct_3mm"})
+    conf = {"weights_dir": str(weights), "auto_train_every": "0", "train_max_epochs": "1", "train_steps_per_epoch": "2",
+            "train_train_batch_size": "2", "train_val_split": "0.5", "train_learning_rate": "1.0"}
+    with running_server(studies, conf=conf, log=tmp_path / "server.log") as url:
+        for image_id, names in ((IMAGE, ["spleen"]), ("ct_3mm", ["spleen"])):
+            params = _partial_label(samples_dir, image_id, names, tmp_path / f"{image_id}_final.nii.gz")
+            client(url).save_label(image_id, str(tmp_path / f"{image_id}_final.nii.gz"), params=params)
+        assert client(url).train_start("adaptsam", {})
+        assert wait_for_training(url, timeout=1200)["status"] == "DONE"
+        stats = client(url).info()["train_stats"]["adaptsam"]
+        print(stats["gate"])
+        assert stats["gate"]["publish"] is False and stats["gate"]["reason"]
+        assert set(stats["gate"]["scores"]) == {"candidate", "served", "base"}
+        assert [v for v, _ in published_versions(weights, "2d", "litemedsam")] == [shipped[0]]
+        listed = requests.get(f"{url}/adaptsam/candidates/adaptsam", timeout=30).json()
+        assert [c["candidate"] for c in listed] == ["c1"] and listed[0]["reason"] == stats["gate"]["reason"]
+        assert infer_json(url, liver_box(samples_dir))["adapter_version"] == shipped[0]
+        r = requests.post(f"{url}/adaptsam/serve/adaptsam", params={"version": "c1"}, timeout=60)
+        assert r.status_code == 200
+        r = requests.post(f"{url}/adaptsam/candidates/adaptsam/publish", params={"candidate": "c1"}, timeout=60)
+        assert r.status_code == 200 and r.json()["published"] == f"adaptsam_2d_litemedsam_v{shipped[0] + 1}.pt"
+        requests.post(f"{url}/adaptsam/serve/adaptsam", params={"version": "latest"}, timeout=60)
+        assert infer_json(url, liver_box(samples_dir))["adapter_version"] == shipped[0] + 1
+        assert requests.post(f"{url}/adaptsam/candidates/adaptsam/publish", params={"candidate": "c9"}, timeout=60).status_code == 404

@@ -7,14 +7,15 @@ For each structure of a labelled volume, two sessions as a client would run them
 - *clicks*: one click at the structure's deepest voxel (volume mode, propagated), then
   corrections the same way, up to `max_clicks`.
 Dice is measured on the whole volume after every step. Every request goes through
-`InteractiveSegmenter.segment`, the code path `/infer` serves.
+`InteractiveSegmenter.segment`, the code path `/infer` serves, or through a running server's
+REST API (`Segment` is either).
 """
 
 from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import numpy as np
 
@@ -23,6 +24,14 @@ from ..engine.metrics import bounding_box
 from ..engine.request import SegmentRequest
 from .clicks import correction_voxel, interior_voxel
 from .metrics import clicks_to, dice, dice_auc, normalised_surface_distance
+
+
+# one request -> the label volume it answers; keyword arguments as SegmentRequest's fields
+Segment = Callable[..., np.ndarray]
+
+
+def in_process(segmenter: InteractiveSegmenter) -> Segment:
+    return lambda **request: segmenter.segment(SegmentRequest(**request)).label
 
 
 @dataclass(frozen=True)
@@ -35,14 +44,14 @@ class Protocol:
     min_voxels: int = 50  # smaller structures are not evaluated (a few voxels of a label's edge)
 
 
-def _session(segmenter: InteractiveSegmenter, image_path: str, image_id: str, name: str, truth: np.ndarray, spacing,
+def _session(segment: Segment, image_path: str, image_id: str, name: str, truth: np.ndarray, spacing,
              first: Dict, steps: int):
     """Answers of one session: `first` prompt (volume mode), then protocol corrections."""
     client = f"eval-{uuid.uuid4().hex[:12]}"
     base = dict(image_path=image_path, image_id=image_id, label=name, client_id=client)
     fg, bg = list(first.get("foreground", [])), []
     roi = first.get("roi")
-    answer = segmenter.segment(SegmentRequest(**base, foreground=fg, roi=roi, mode="volume", reset=True)).label > 0
+    answer = segment(**base, foreground=fg, roi=roi, mode="volume", reset=True) > 0
     dices = [dice(answer, truth)]
     while len(dices) < steps:
         c = correction_voxel(answer, truth, spacing)
@@ -51,17 +60,17 @@ def _session(segmenter: InteractiveSegmenter, image_path: str, image_id: str, na
             break
         i, j, k, positive = c
         (fg if positive else bg).append([i, j, k])
-        answer = segmenter.segment(SegmentRequest(**base, foreground=fg, background=bg, roi=roi, mode="slice", slice_index=k)).label > 0
+        answer = segment(**base, foreground=fg, background=bg, roi=roi, mode="slice", slice_index=k) > 0
         dices.append(dice(answer, truth))
     return dices, answer
 
 
-def evaluate_structure(segmenter: InteractiveSegmenter, image_path: str, image_id: str, name: str, truth: np.ndarray,
+def evaluate_structure(segment: Segment, image_path: str, image_id: str, name: str, truth: np.ndarray,
                        spacing, protocol: Protocol = Protocol()) -> Dict:
     i0, j0, k0, i1, j1, k1 = bounding_box(truth)
-    box_dices, box_answer = _session(segmenter, image_path, image_id, name, truth, spacing,
+    box_dices, box_answer = _session(segment, image_path, image_id, name, truth, spacing,
                                      {"roi": [i0, i1, j0, j1, k0, k1]}, 1 + protocol.corrections)
-    click_dices, _ = _session(segmenter, image_path, image_id, name, truth, spacing,
+    click_dices, _ = _session(segment, image_path, image_id, name, truth, spacing,
                               {"foreground": [list(interior_voxel(truth, spacing))]}, protocol.max_clicks)
     out = {
         "structure": name, "image": image_id, "voxels": int(truth.sum()),
@@ -109,14 +118,14 @@ def protocol_score(summary: Dict) -> float:
     return round((summary["box_auc"] + summary["click_auc"]) / 2, 4)
 
 
-def evaluate_volume(segmenter: InteractiveSegmenter, image_path: str, image_id: str, label: np.ndarray, spacing,
+def evaluate_volume(segment: Segment, image_path: str, image_id: str, label: np.ndarray, spacing,
                     names: Dict[int, str], protocol: Protocol = Protocol(), log=None,
                     only: Optional[List[str]] = None) -> List[Dict]:
     rows = []
     for value, name in structures(label, names, protocol.min_voxels):
         if only and name not in only:
             continue
-        row = evaluate_structure(segmenter, image_path, image_id, name, label == value, spacing, protocol)
+        row = evaluate_structure(segment, image_path, image_id, name, label == value, spacing, protocol)
         rows.append(row)
         if log:
             clicks = " / ".join(f"{row[f'click{n}']:.3f}" for n in protocol.report_clicks)

@@ -14,7 +14,7 @@ import numpy as np
 from ..engine.interactive import InteractiveSegmenter, Runtime
 from ..engine.models import ModelHandle, published_versions
 from ..engine.volume import Volume
-from .protocol import Protocol, evaluate_volume, summarise
+from .protocol import Protocol, evaluate_volume, in_process, summarise
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ def evaluate_models(models: Dict[str, ModelSpec], cases: Sequence[Case], protoco
             log(f"{name}: {serving.key}")
             rows = []
             for case, image, label in loaded:
-                rows += evaluate_volume(segmenter, case.image_path, case.image_id, label, tuple(image.spacing), case.names,
+                rows += evaluate_volume(in_process(segmenter), case.image_path, case.image_id, label, tuple(image.spacing), case.names,
                                         protocol, log, only)
         finally:
             runtime.stop()

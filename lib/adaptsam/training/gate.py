@@ -26,6 +26,8 @@ from ..evaluation.runner import Case, ModelSpec, base_spec, evaluate_models
 from ..model import adapter_io
 
 BOX_MARGIN = 0.01  # a candidate may answer boxes at most this much worse than the base model
+# the score needs the box session and clicks 1..5; longer click sessions only count clicks-to-Dice
+GATE_PROTOCOL = Protocol(max_clicks=5)
 
 
 @dataclass
@@ -63,7 +65,7 @@ class Gate:
     how long the candidate's measurement will take), then the candidate."""
 
     def __init__(self, weights_dir: Path, kind: str, backbone: str, val_items: Sequence[Dict], device: str = "cpu",
-                 log: Callable[[str], None] = print, protocol: Protocol = Protocol()):
+                 log: Callable[[str], None] = print, protocol: Protocol = GATE_PROTOCOL):
         self.weights_dir = Path(weights_dir)
         self.kind, self.backbone, self.device, self.log, self.protocol = kind, backbone, device, log, protocol
         self.cases = cases_from(val_items)

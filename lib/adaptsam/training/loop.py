@@ -210,10 +210,11 @@ class AdapterTrainer:
         if lead and self.opt.publish == "gate" and self.gate.can_measure:
             self.gate.measure_references()
             self.log(f"gate references on {len(val_items)} validation image(s): {self.gate.references}")
-        best, best_state = -1.0, None
+        # the best epoch is the run's candidate even when it is below where the run started:
+        # the gate, not this slice-level validation, decides what is served
+        best, best_state = -float("inf"), None
         baseline = validate()
         if baseline:
-            best = float(np.mean(list(baseline.values())))
             self.log(f"validation before training: {baseline}")
         stats: Dict = {}
         for epoch in range(1, self.opt.max_epochs + 1):
@@ -243,7 +244,7 @@ class AdapterTrainer:
                 best, best_state = metric, copy.deepcopy(adapter_state_dict(self.model))
             stats = {
                 "name": f"adaptsam_{self.opt.kind}", "epoch": epoch, "total_epochs": self.opt.max_epochs,
-                "total_time": round(time.time() - t0, 1), "best_metric": round(best, 4),
+                "total_time": round(time.time() - t0, 1), "best_metric": round(best, 4) if best_state is not None else 0.0,
                 "train_dice": {k: v for k, v in train_metrics.items() if k != "loss"}, "train_loss": train_metrics.get("loss"),
                 "val_dice": {k: round(v, 4) for k, v in val_metrics.items()},
                 "val_dice_before": {k: round(v, 4) for k, v in baseline.items()},
@@ -274,8 +275,8 @@ class AdapterTrainer:
             return result
 
         if best_state is None:
-            self.log("no epoch beat the adapter we started from; nothing published")
-            stats["gate"] = {"publish": False, "reason": "no epoch beat the adapter the run started from"}
+            self.log("no epoch ran; nothing to publish")
+            stats["gate"] = {"publish": False, "reason": "no training epoch completed within the time budget"}
             return done(TrainResult(None, start.base_version, best, stats))
         self.model.load_state_dict(best_state, strict=False)
         # without validation images the "metric" is minus the training loss: say so
