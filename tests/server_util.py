@@ -38,13 +38,22 @@ def copy_studies(samples_dir: Path, dest: Path, image_ids=None) -> Path:
 
 
 @contextlib.contextmanager
-def running_server(studies: Path, conf: Optional[Dict[str, str]] = None, log: Optional[Path] = None, timeout: float = 300) -> Iterator[str]:
+def running_server(studies: Path, conf: Optional[Dict[str, str]] = None, log: Optional[Path] = None, timeout: float = 300,
+                   env: Optional[Dict[str, str]] = None) -> Iterator[str]:
+    with server_process(studies, conf, log, timeout, env) as (url, _):
+        yield url
+
+
+@contextlib.contextmanager
+def server_process(studies: Path, conf: Optional[Dict[str, str]] = None, log: Optional[Path] = None, timeout: float = 300,
+                   env: Optional[Dict[str, str]] = None, headers: Optional[Dict[str, str]] = None):
+    """(url, process) of a server started as `make serve` starts it; `env` adds variables."""
     port = free_port()
     cmd = [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(APP_DIR), "--studies", str(studies),
            "--host", "127.0.0.1", "--port", str(port)]
     for k, v in (conf or {}).items():
         cmd += ["--conf", k, str(v)]
-    env = dict(os.environ)
+    env = {**os.environ, **(env or {})}
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
     env.setdefault("MONAI_LABEL_AUTO_UPDATE_SCORING", "false")
     env.setdefault("MONAI_LABEL_TRACKING_ENABLED", "false")
@@ -59,14 +68,14 @@ def running_server(studies: Path, conf: Optional[Dict[str, str]] = None, log: Op
             if proc.poll() is not None:
                 raise RuntimeError(f"server exited with {proc.returncode}; see {out.name}")
             try:
-                if requests.get(url + "/info/", timeout=5).status_code == 200:
+                if requests.get(url + "/info/", timeout=5, headers=headers).status_code == 200:
                     break
             except requests.RequestException:
                 pass
             if time.time() > deadline:
                 raise TimeoutError(f"server did not answer /info within {timeout} s; see {out.name}")
             time.sleep(1)
-        yield url
+        yield url, proc
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, 15)

@@ -27,6 +27,7 @@ from .prompts import SERVED, PromptPolicy, SlicePrompt, decode_slice
 from .propagation import PropagationPolicy, propagate
 from .request import SegmentRequest, parse_clicks, parse_roi, parse_slice
 from .sessions import SessionStore
+from .uploads import HEADER_ROOM, check_inflated_size, header_shape
 from .volume import ImageLoadError, Volume, VolumeStore
 
 
@@ -156,6 +157,11 @@ class InteractiveSegmenter:
 # ---- pieces ------------------------------------------------------------------------------------
 
 def load_mask(path: str, shape) -> np.ndarray:
+    # an upload: its inflated size and grid are checked before it is read whole
+    check_inflated_size(path, int(np.prod(shape)) * 8 + HEADER_ROOM)
+    grid = header_shape(path)
+    if grid != tuple(shape):
+        raise RequestError(f"uploaded label mask has shape {list(grid)}, the image has {list(shape)}", status_code=422)
     try:
         mvol = Volume.load(path, modality="MR")
     except ImageLoadError as e:

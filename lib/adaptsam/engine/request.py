@@ -94,11 +94,11 @@ def parse_axis(value) -> int:
 
 
 def parse_mode(value, default: str) -> str:
-    if isinstance(value, list):  # a client echoing the option list back
-        value = value[0] if value else default
+    if isinstance(value, list) and value:  # a client echoing the option list back
+        value = value[0]
     if value is None or value == "":
         return default
-    if value not in MODES:
+    if not isinstance(value, str) or value not in MODES:
         raise RequestError(f"mode must be 'slice' or 'volume', got {value!r}")
     return value
 

@@ -26,7 +26,8 @@ from ..engine.allocator import keep_freed_memory
 from ..engine.interactive import InteractiveSegmenter, Runtime
 from ..engine.models import CANDIDATES, ModelHandle
 from ..training import gate
-from . import routes
+from ..training.options import TrainOptions
+from . import routes, security
 from .config import AppConfig
 from .infer_task import AdaptSamInfer
 from .strategies import PromptDisagreement
@@ -85,6 +86,7 @@ class AdaptSamAppBase:
             task = AdaptSamTrainTask(kind, self.config.weights_dir, self.config.backbone, device)
             task.defaults = dict(self.config.train_defaults)
             trainers[name] = task
+        self.train_tasks = trainers
         return trainers
 
     def init_strategies(self):
@@ -154,6 +156,10 @@ class AdaptSamAppBase:
         serving = handle.current()
         return {"model": model, "pinned": handle.pinned or "latest", "serving_version": serving.version}
 
+    def check_train_request(self, model: str, params: Dict) -> None:
+        """Refuse (ValueError) a train request whose options would fail in the training process."""
+        TrainOptions.from_request({**self.train_tasks[model].config(), **params}, MODELS[model])
+
     def candidates(self, model: str) -> List[Dict]:
         return gate.list_candidates(Path(self.config.weights_dir), MODELS[model], self.config.backbone)
 
@@ -188,5 +194,10 @@ class AdaptSamAppBase:
         from monailabel.config import settings
         from monailabel.interfaces.utils.app import app_instance
 
-        routes.install(fastapi_app, app_instance, prefix=settings.MONAI_LABEL_API_STR)
-        logger.info("AdaptSAM routes installed (threaded /infer, /adaptsam/progress, /adaptsam/serve)")
+        token = security.configured_token()
+        routes.install(fastapi_app, app_instance, prefix=settings.MONAI_LABEL_API_STR, token=token,
+                       max_upload=self.config.max_upload_bytes)
+        open_paths = [settings.MONAI_LABEL_API_STR + p for p in ("/auth/", "/auth/token")] if token else []
+        security.install(fastapi_app, token, self.config.max_upload_bytes, self.config.cors_origins, open_paths)
+        logger.info("AdaptSAM routes installed; API token %s; CORS origins %s", "required" if token else "off",
+                    list(self.config.cors_origins) or "none (same origin only)")

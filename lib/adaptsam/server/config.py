@@ -33,6 +33,9 @@ HELP = {
     "labels": "comma-separated structure names offered to viewers",
     "auto_train_every": "final labels saved between automatic retrains (0: off)",
     "auto_train_models": "comma-separated models retrained automatically",
+    "cors_origins": "comma-separated web origins allowed to call the server from a browser "
+                    "(default: none, only pages the server serves itself, such as /ohif/)",
+    "max_upload_mb": "largest request body (an image, label or mask upload) in MiB",
     "train_<option>": f"default of a training option; options: {', '.join(TrainOptions.option_names())}",
 }
 
@@ -55,12 +58,16 @@ class AppConfig:
     auto_train_every: int = 1
     auto_train_models: Tuple[str, ...] = ("adaptsam",)
     train_defaults: Tuple[Tuple[str, str], ...] = ()
+    cors_origins: Tuple[str, ...] = ()
+    max_upload_bytes: int = 1 << 30
 
     @classmethod
     def from_conf(cls, conf: Dict[str, str], default_weights_dir: str) -> "AppConfig":
         c = dict(conf or {})
         unknown = sorted(k for k in c if k not in HELP and k not in MONAI_LABEL_KEYS and not k.startswith("train_"))
-        bad_train = sorted(k for k in c if k.startswith("train_") and k[len("train_"):] not in TrainOptions.option_names())
+        # the kind is the model's (adaptsam: 2d, adaptsam_3d: 3d), not a default
+        bad_train = sorted(k for k in c if k.startswith("train_") and k[len("train_"):] not in TrainOptions.option_names()
+                           or k == "train_kind")
         if unknown or bad_train:
             raise ConfError(f"unknown --conf key(s) {unknown + bad_train}; valid keys: "
                             + "; ".join(f"{k} ({v})" for k, v in HELP.items()))
@@ -83,6 +90,15 @@ class AppConfig:
                 kw["labels"] = tuple(x.strip() for x in c["labels"].split(",") if x.strip())
             if "auto_train_every" in c:
                 kw["auto_train_every"] = int(c["auto_train_every"])
+            if "cors_origins" in c:
+                kw["cors_origins"] = tuple(x.strip().rstrip("/") for x in c["cors_origins"].split(",") if x.strip())
+                bad = [o for o in kw["cors_origins"] if not o.startswith(("http://", "https://")) or o.count("/") > 2]
+                if bad:
+                    raise ConfError(f"--conf cors_origins: {bad} are not origins (scheme://host[:port])")
+            if "max_upload_mb" in c:
+                kw["max_upload_bytes"] = int(float(c["max_upload_mb"]) * (1 << 20))
+                if kw["max_upload_bytes"] <= 0:
+                    raise ConfError("--conf max_upload_mb must be positive")
             if "auto_train_models" in c:
                 kw["auto_train_models"] = tuple(x.strip() for x in c["auto_train_models"].split(",") if x.strip())
         except ValueError as e:

@@ -9,8 +9,12 @@ pick it up on their next request.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
+import os
+import signal
+import sys
 from pathlib import Path
 from typing import Dict
 
@@ -28,6 +32,29 @@ from .datalist import structure_names
 logger = logging.getLogger(__name__)
 
 PROMPTS_KEY = "adaptsam_prompts"
+PR_SET_PDEATHSIG = 1
+
+
+class ServerLifeline:
+    """A training process that MONAI Label started for the server must end with it: a trainer
+    whose server is gone would go on using the machine and could publish into a folder nobody
+    serves or watches. The kernel sends SIGTERM when the server dies (Linux), and the trainer
+    asks `alive()` before every step and before it publishes (the process is re-parented then)."""
+
+    def __init__(self):
+        main = getattr(sys.modules.get("__main__"), "__spec__", None)
+        self.active = getattr(main, "name", "") == "monailabel.interfaces.utils.app"  # MONAI Label's task runner
+        self.server_pid = os.getppid()
+        if self.active and sys.platform.startswith("linux"):
+            try:
+                ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+            except OSError as e:
+                logger.warning("cannot ask to be stopped with the server: %s", e)
+            if os.getppid() != self.server_pid:  # the server died before the request above
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    def alive(self) -> bool:
+        return not self.active or os.getppid() == self.server_pid
 
 
 def stats_file(weights_dir: Path, kind: str) -> Path:
@@ -76,6 +103,7 @@ class AdaptSamTrainTask(TrainTask):
             return {}
 
     def __call__(self, request, datastore: Datastore):
+        lifeline = ServerLifeline()
         opts = TrainOptions.from_request({**self.config(), **request}, self.kind)
         datalist = datalist_with_prompts(datastore)
         if not datalist:
@@ -90,7 +118,7 @@ class AdaptSamTrainTask(TrainTask):
         else:
             trainer = AdapterTrainer(
                 datalist, opts, self.weights_dir, self.backbone, stats_path,
-                device=self.device, log=lambda s: print(s, flush=True),
+                device=self.device, log=lambda s: print(s, flush=True), alive=lifeline.alive,
             )
             stats = trainer.run().stats
         stats["final_labels"] = len(datalist)

@@ -52,8 +52,9 @@ class TrainResult:
 class AdapterTrainer:
     def __init__(self, datalist: Sequence[Dict], options: TrainOptions, weights_dir: Path, backbone: str = "litemedsam",
                  stats_path: Optional[Path] = None, device: str = "cpu", log: Callable[[str], None] = None,
-                 rank: int = 0, world_size: int = 1):
+                 rank: int = 0, world_size: int = 1, alive: Optional[Callable[[], bool]] = None):
         keep_freed_memory()  # see engine/allocator.py
+        self.alive = alive or (lambda: True)  # False once whoever started the run is gone: stop, publish nothing
         self.rank, self.world_size = rank, world_size
         self.datalist = list(datalist)
         self.opt = options
@@ -262,7 +263,10 @@ class AdapterTrainer:
         return self._finish(start, best_state, best, stats, train_items, val_items, t0)
 
     def _over_budget(self, t0: float) -> bool:
-        """Past the time budget, less what measuring the candidate at the gate will take."""
+        """Past the time budget, less what measuring the candidate at the gate will take (or
+        nobody is waiting for the result any more)."""
+        if not self.alive():
+            return True
         reserve = getattr(self, "gate", None).seconds_per_model if getattr(self, "gate", None) else 0.0
         return bool(self.opt.max_minutes) and time.time() - t0 > 60 * self.opt.max_minutes - reserve
 
@@ -274,6 +278,10 @@ class AdapterTrainer:
                 publish.write_json(self.stats_path, stats)
             return result
 
+        if not self.alive():
+            self.log("the process that started this run is gone: nothing is published")
+            stats["gate"] = {"publish": False, "reason": "the server that started the run went away"}
+            return done(TrainResult(None, start.base_version, best, stats))
         if best_state is None:
             self.log("no epoch ran; nothing to publish")
             stats["gate"] = {"publish": False, "reason": "no training epoch completed within the time budget"}
