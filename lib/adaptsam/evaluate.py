@@ -1,6 +1,6 @@
 """Evaluate model versions with the interactive protocol on a datastore's final labels.
 
-    python -m adaptsam.evaluate --studies DIR_OR_DICOMWEB_URL [--models base,2d,3d] [--out DIR]
+    python -m adaptsam.evaluate --studies DIR [--models base,2d,3d] [--out DIR]
 
 Every structure of every image with a `final` label is segmented through the server's own code
 path: a 3D box then up to 5 correction clicks, and 1..10 clicks without a box, each correction
@@ -44,7 +44,7 @@ def parse_models(spec: str, weights: str, backbone: str) -> Dict[str, ModelSpec]
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m adaptsam.evaluate", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--studies", required=True, help="a studies folder or a DICOMweb root URL")
+    ap.add_argument("--studies", required=True, help="a studies folder (a DICOMweb URL is refused for now)")
     ap.add_argument("--weights", default="model_weights", help="published adapters (default: ./model_weights)")
     ap.add_argument("--models", default="base,2d,3d")
     ap.add_argument("--images", default="", help="comma-separated image ids (default: every image with a final label)")

@@ -1,5 +1,5 @@
-"""Train adapters from the command line on image/label pairs (the shipped adapters are made so:
-`tools/train_adapters.py`).
+"""Train adapters from the command line on image/label pairs (how the shipped adapters were
+made: model_weights/README.md).
 
     python -m adaptsam.train --kind 2d --pair IMAGE LABEL [--pair IMAGE LABEL ...] --out model_weights
 

@@ -42,9 +42,8 @@ def labelled_cases(datastore: Datastore, image_ids: Optional[List[str]] = None) 
 def open_datastore(studies: str) -> Datastore:
     """The datastore `monailabel start_server --studies <studies>` would serve."""
     if studies.startswith(("http://", "https://")):
-        from .dicomweb import open_dicomweb
-
-        return open_dicomweb(studies.rstrip("/"))
+        # open issue 20 (PACS workflow) builds the DICOMweb datastore this needs
+        raise ValueError(f"{studies}: evaluating a DICOMweb datastore is not supported yet; give a studies folder")
     from monailabel.config import settings
     from monailabel.datastore.local import LocalDatastore
 
