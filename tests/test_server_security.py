@@ -211,6 +211,7 @@ def test_bad_input_is_a_4xx_never_a_500(server):
         infer('{"roi": [1, 9, 1, 9, 3, 3], "result_extension": ".txt"}'),
         infer('{"roi": [1, 9, 1, 9, 3, 3], "result_extension": "../x.nii.gz"}'),
         infer(json.dumps({"foreground": [[1, 1, 1]] * 65})),  # over the click cap
+        infer(json.dumps({"roi": [1, 9, 1, 9, 3, 3], "labl": "liver"})),  # a typo is not silently ignored
         infer('{"foreground": ' + deep + "}"),
         call("POST", url, "/train/adaptsam", data=deep, headers={"Content-Type": "application/json"}),
         call("POST", url, "/train/nope", json={}),
@@ -221,12 +222,14 @@ def test_bad_input_is_a_4xx_never_a_500(server):
         call("PUT", url, f"/datastore/image/info?image={IMAGE}", data={"info": "{not json"}),
         call("PUT", url, f"/datastore/label?image={IMAGE}", files={"label": ("l.nii.gz", b"x")}, data={"params": "{bad"}),
         call("HEAD", url, f"/datastore/image?image={IMAGE}&check_sum=nosuchalgo:00"),
+        call("PUT", url, "/model/adaptsam", files={"file": ("w.pt", b"weights")}),
         call("PUT", url, "/datastore/image?image=big", files={"file": ("big.nii.gz", b"\0" * (33 << 20))}),  # over max_upload_mb
     ]
     for i, r in enumerate(cases):
         assert 400 <= r.status_code < 500, (i, r.request.method, r.request.url, r.status_code, r.text[:300])
     assert cases[7].status_code == 413 and "at most" in cases[7].text
-    assert cases[10].status_code == 404 and cases[-1].status_code == 413
+    assert cases[8].status_code == 422 and "labl" in cases[8].text
+    assert cases[11].status_code == 404 and cases[-1].status_code == 413
     assert call("GET", url, "/train/", params={"check_if_running": "true"}).status_code == 404  # nothing was started
     assert list((root / "tmp").glob("adaptsam-upload-*")) == []
     r = infer(json.dumps({"roi": [40, 80, 40, 80, 10, 10], "mode": "slice"}))

@@ -22,6 +22,10 @@ from ..engine.request import MODES, SegmentRequest, parse_axis, parse_bool, pars
 from .writer import RESULT_EXTENSIONS, write_label
 
 IMAGE_SUFFIXES = (".nii.gz", ".seg.nrrd", ".nii", ".nrrd", ".mha")
+# what a request's params may hold: the prompts and options read below, and what Slicer and
+# OHIF add to every request (output format, their copy of the model's option table)
+PARAMS = ("foreground", "background", "roi", "label", "mode", "axis", "slice", "client_id", "reset_state",
+          "result_extension", "result_dtype", "result_compress", "restore_label_idx", "device", "description")
 
 
 def split_name(path: str) -> Tuple[str, str]:

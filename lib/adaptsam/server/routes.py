@@ -31,6 +31,7 @@ from ..engine.errors import RequestError
 from ..engine.uploads import IMAGE_SUFFIXES, LABEL_SUFFIXES, check_image_upload, suffix_of
 from . import datastore_routes
 from .datastore_routes import parse_json_object, remove_quietly, save_upload
+from .infer_task import PARAMS
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +66,9 @@ def build_router(app_getter, max_upload: int) -> APIRouter:
         reserved = sorted(k for k in p if k in SERVER_KEYS)
         if reserved:
             raise HTTPException(422, f"params may not set {reserved}: the image is chosen by ?image=, a mask by the label upload")
+        unknown = sorted(k for k in p if k not in PARAMS)
+        if unknown:
+            raise HTTPException(422, f"unknown params {unknown[:10]}; valid: {list(PARAMS)}")
         request = {**p, "model": model, "image": image}
         if file_path:
             try:
@@ -132,6 +136,13 @@ def build_router(app_getter, max_upload: int) -> APIRouter:
         except ValueError as e:
             raise HTTPException(422, str(e))
         return await run_in_threadpool(run_model, model, params, run_sync, enqueue)
+
+    @router.put("/model/{model}")
+    async def upload_weights(model: str, user=admin_role):
+        """MONAI Label's weight upload has nowhere to write here (it answered 500): adapters are
+        published by training through the gate, or by hand from a kept candidate."""
+        raise HTTPException(405, "weights are not uploaded here: train (POST /train/{model}) or publish a kept "
+                                 "candidate (POST /adaptsam/candidates/{model}/publish)")
 
     @router.post("/adaptsam/serve/{model}")
     async def serve_version(model: str, version: str = "latest", user=admin_role):
