@@ -8,8 +8,10 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 CONF ?=
 PYTEST_ARGS ?=
+ORTHANC_PORT ?= 8042
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup test test-slow serve samples benchmark clean
+.PHONY: setup test test-slow serve pacs orthanc samples benchmark clean
 
 setup: $(VENV)/.installed
 
@@ -27,7 +29,7 @@ samples: setup
 	$(PY) tools/samples.py fetch $(SAMPLES)
 
 # quality-style statistics over whole volumes are marked slow: `make test-slow` runs them
-test: samples
+test: samples orthanc
 	ADAPTSAM_SAMPLES=$(abspath $(SAMPLES)) $(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 test-slow: samples
@@ -40,6 +42,17 @@ serve: samples
 	MALLOC_ARENA_MAX=1 MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=1073741824 \
 	PATH=$(abspath $(VENV))/bin:$$PATH $(PY) -m monailabel.main start_server \
 		--app apps/adaptsam --studies $(SAMPLES)/studies --host $(HOST) --port $(PORT) $(CONF)
+
+# Orthanc (Debian) on 127.0.0.1:$(ORTHANC_PORT) with the sample CT and MR series, and the server
+# reading it over DICOMweb on $(HOST):$(PORT); OHIF at http://$(HOST):$(PORT)/ohif/. Ctrl-C stops both.
+pacs: samples orthanc
+	PATH=$(abspath $(VENV))/bin:$$PATH $(PY) tools/pacs.py serve --host $(HOST) --port $(PORT) \
+		--orthanc-port $(ORTHANC_PORT) $(CONF)
+
+orthanc:
+	@command -v Orthanc >/dev/null 2>&1 && test -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so || \
+		( $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+			--no-install-recommends orthanc orthanc-dicomweb )
 
 benchmark: samples
 	ADAPTSAM_SAMPLES=$(abspath $(SAMPLES)) $(PY) benchmarks/interactive.py

@@ -96,6 +96,27 @@ class AdaptSamAppBase:
             "uncertainty": PromptDisagreement(lambda: self.segmenter("2d")),
         }
 
+    # ---- datastore ---------------------------------------------------------------------------
+
+    def init_remote_datastore(self):
+        """A DICOMweb PACS (`--studies http(s)://host/dicom-web`) with clinical defaults (dicomweb.py)."""
+        from monailabel.config import settings
+
+        from .dicomweb import SiteDICOMwebDatastore, check_dcmqi
+
+        if settings.MONAI_LABEL_DATASTORE.lower() in ("xnat", "dsa"):
+            return super().init_remote_datastore()
+        check_dcmqi()
+        cache = (settings.MONAI_LABEL_DICOMWEB_CACHE_PATH or "").strip() or None
+        return SiteDICOMwebDatastore(self.studies, cache_path=cache, provenance=self.label_provenance)
+
+    def label_provenance(self, image_id: str, info: Dict) -> Dict:
+        """What produced a label being saved: the model of the saving client's last session on it."""
+        client = info.get("client_id")
+        session = self._runtime.sessions.latest(str(client), image_id) if client and self._runtime else None
+        model = (session.prompts.get("model") if session else "") or ""
+        return {"model": f"AdaptSAM {model.replace('/', ' ')}".strip()}
+
     # ---- saved labels: prompts and the auto-trigger -------------------------------------------
 
     def on_save_label(self, image_id, label_id):

@@ -85,6 +85,14 @@ def build_router(app_getter, user_dependency, annotator_dependency, admin_depend
     def datastore():
         return app_getter().datastore()
 
+    async def threaded(fn, *args):
+        """Run a handler's work off the event loop; a RequestError (e.g. the PACS did not
+        answer: 503) becomes its HTTP status."""
+        try:
+            return await run_in_threadpool(fn, *args)
+        except RequestError as e:
+            raise HTTPException(e.status_code, str(e))
+
     def require_image(image: str) -> str:
         checked_name(image, "image")
         if image not in datastore().list_images():
@@ -124,7 +132,7 @@ def build_router(app_getter, user_dependency, annotator_dependency, admin_depend
     @router.put("/", include_in_schema=False, deprecated=True)
     async def api_add_image(image: Optional[str] = None, params: str = Form("{}"), file: UploadFile = File(...),
                             user=Depends(annotator_dependency)):
-        return await run_in_threadpool(add_image, image, params, file, getattr(user, "username", ""))
+        return await threaded(add_image, image, params, file, getattr(user, "username", ""))
 
     @router.delete("/image", summary="Remove an image and its labels")
     @router.delete("/", include_in_schema=False, deprecated=True)
@@ -134,7 +142,7 @@ def build_router(app_getter, user_dependency, annotator_dependency, admin_depend
             datastore().remove_image(id)
             return {}
 
-        return await run_in_threadpool(run)
+        return await threaded(run)
 
     def image_file(image: str, check_sum: Optional[str] = None) -> str:
         require_image(image)
@@ -156,19 +164,19 @@ def build_router(app_getter, user_dependency, annotator_dependency, admin_depend
 
     @router.head("/image", summary="Does an image exist")
     async def api_check_image(image: str, check_sum: Optional[str] = None, user=Depends(user_dependency)):
-        await run_in_threadpool(image_file, image, check_sum)
+        await threaded(image_file, image, check_sum)
         return {}
 
     @router.get("/image", summary="Download an image")
     async def api_download_image(image: str, user=Depends(user_dependency)):
         from fastapi.responses import FileResponse
 
-        uri = await run_in_threadpool(image_file, image)
+        uri = await threaded(image_file, image)
         return FileResponse(uri, filename=os.path.basename(uri))
 
     @router.get("/image/info", summary="An image's info")
     async def api_get_image_info(image: str, user=Depends(user_dependency)):
-        return await run_in_threadpool(lambda: (require_image(image), datastore().get_image_info(image))[1])
+        return await threaded(lambda: (require_image(image), datastore().get_image_info(image))[1])
 
     @router.put("/image/info", summary="Update an image's info")
     async def api_put_image_info(image: str, info: str = Form("{}"), user=Depends(annotator_dependency)):
@@ -179,7 +187,7 @@ def build_router(app_getter, user_dependency, annotator_dependency, admin_depend
                 values["user"] = user.username
             return datastore().update_image_info(image, values)
 
-        return await run_in_threadpool(run)
+        return await threaded(run)
 
     # ---- labels -------------------------------------------------------------------------------
 
@@ -220,7 +228,7 @@ def build_router(app_getter, user_dependency, annotator_dependency, admin_depend
     @router.put("/label", summary="Save a finished label (checked against its image)")
     async def api_save_label(image: str, params: str = Form("{}"), tag: str = "final", label: UploadFile = File(...),
                              user=Depends(annotator_dependency)):
-        return await run_in_threadpool(save_label, image, params, tag, label, getattr(user, "username", ""))
+        return await threaded(save_label, image, params, tag, label, getattr(user, "username", ""))
 
     @router.delete("/label", summary="Remove a label")
     async def api_remove_label(id: str, tag: str, user=Depends(admin_dependency)):
@@ -229,7 +237,7 @@ def build_router(app_getter, user_dependency, annotator_dependency, admin_depend
             datastore().remove_label(id, tag)
             return {}
 
-        return await run_in_threadpool(run)
+        return await threaded(run)
 
     @router.head("/label", summary="Does an image have a label with this tag")
     async def api_check_label(image: str, tag: str, user=Depends(user_dependency)):
@@ -240,18 +248,18 @@ def build_router(app_getter, user_dependency, annotator_dependency, admin_depend
                 raise HTTPException(404, f"image {image!r} has no {tag!r} label")
             return {}
 
-        return await run_in_threadpool(run)
+        return await threaded(run)
 
     @router.get("/label", summary="Download a label")
     async def api_download_label(label: str, tag: str, user=Depends(user_dependency)):
         from fastapi.responses import FileResponse
 
-        uri = await run_in_threadpool(require_label, label, tag)
+        uri = await threaded(require_label, label, tag)
         return FileResponse(uri, filename=os.path.basename(uri))
 
     @router.get("/label/info", summary="A label's info")
     async def api_get_label_info(label: str, tag: str, user=Depends(user_dependency)):
-        return await run_in_threadpool(lambda: (require_label(label, tag), datastore().get_label_info(label, tag))[1])
+        return await threaded(lambda: (require_label(label, tag), datastore().get_label_info(label, tag))[1])
 
     def update_label_info(label: str, tag: str, text: str, username: str):
         require_label(label, tag)
@@ -262,11 +270,11 @@ def build_router(app_getter, user_dependency, annotator_dependency, admin_depend
 
     @router.put("/label/info", summary="Update a label's info")
     async def api_put_label_info(label: str, tag: str, info: str = Form("{}"), user=Depends(annotator_dependency)):
-        return await run_in_threadpool(update_label_info, label, tag, info, getattr(user, "username", ""))
+        return await threaded(update_label_info, label, tag, info, getattr(user, "username", ""))
 
     @router.put("/updatelabelinfo", include_in_schema=False, deprecated=True)
     async def api_update_label_info(label: str, tag: str, params: str = Form("{}"), user=Depends(annotator_dependency)):
-        return await run_in_threadpool(update_label_info, label, tag, params, getattr(user, "username", ""))
+        return await threaded(update_label_info, label, tag, params, getattr(user, "username", ""))
 
     return router
 

@@ -84,7 +84,10 @@ def build_router(app_getter, max_upload: int) -> APIRouter:
         elif not image:
             raise HTTPException(422, "no image: give ?image=<id>, a session_id or a file")
         else:
-            uri = instance.datastore().get_image_uri(image)
+            try:
+                uri = instance.datastore().get_image_uri(image)
+            except RequestError as e:  # a PACS that does not answer
+                raise HTTPException(e.status_code, str(e))
             if not uri or not os.path.exists(uri):
                 raise HTTPException(404, f"image {image!r} not found in the datastore")
         if label_path:
@@ -122,7 +125,22 @@ def build_router(app_getter, max_upload: int) -> APIRouter:
         finally:
             remove_quietly(file_path)
             remove_quietly(label_path)
+        if output == ResultType.dicom_seg:
+            result["dicom_seg"] = await run_in_threadpool(_dicom_seg, instance, image, result)
+            background_tasks.add_task(remove_quietly, result["dicom_seg"])
         return send_response(instance.datastore(), result, output, background_tasks)
+
+    def _dicom_seg(instance, image: str, result) -> str:
+        datastore = instance.datastore()
+        if not hasattr(datastore, "dicom_seg"):
+            raise HTTPException(422, "output=dicom_seg needs a DICOMweb datastore (--studies http(s)://.../dicom-web)")
+        params = result.get("params") or {}
+        names = [{"name": n, "idx": v} for n, v in (params.get("label_names") or {}).items()]
+        try:
+            return datastore.dicom_seg(image, result.get("file") or result.get("label"), {"label_info": names},
+                                       f"AdaptSAM {params.get('model', '').replace('/', ' ')}".strip())
+        except RequestError as e:
+            raise HTTPException(e.status_code, str(e))
 
     @router.post("/train/{model}")
     async def train(model: str, params: Optional[dict] = None, run_sync: bool = False, enqueue: bool = False, user=admin_role):
