@@ -102,12 +102,16 @@ def _save_liver(url, series_id, truth, tmp_path):
     k = largest_slice(truth)
     r0, c0, r1, c1 = bounding_box(truth[:, :, k])
     me = client(url, "radiologist")
-    path, result = me.infer("adaptsam", series_id, {"roi": [r0, r1, c0, c1, k, k], "label": "liver", "mode": "slice"})
+    # as Slicer asks: its roi order, the segment's name as label, an .nrrd result read by ITK
+    path, result = me.infer("adaptsam", series_id, {"roi": [r0, r1, c0, c1, k, k], "label": "liver", "mode": "slice",
+                                                     "result_extension": ".nrrd", "result_dtype": "uint8"})
     result = json.loads(result) if isinstance(result, str) else result
-    answer = np.asanyarray(nib.load(path).dataobj).astype(np.uint8)
+    answer = np.transpose(sitk.GetArrayFromImage(sitk.ReadImage(path)), (2, 1, 0)).astype(np.uint8)
     assert answer[:, :, k].sum() > 0
+    reference = tmp_path / "image.nii.gz"
+    reference.write_bytes(requests.get(f"{url}/datastore/image", params={"image": series_id}, timeout=300).content)
     saved = tmp_path / "final.nii.gz"
-    nib.save(nib.Nifti1Image(answer, nib.load(path).affine), str(saved))
+    nib.save(nib.Nifti1Image(answer, nib.load(str(reference)).affine), str(saved))
     me.save_label(series_id, str(saved), params={"label_info": [{"name": "liver", "idx": 1, "color": [220, 60, 40]}]})
     return answer, result
 
@@ -163,6 +167,16 @@ def test_infer_can_answer_with_a_dicom_seg(server, samples_dir):
     seg = pydicom.dcmread(str(path))
     assert seg.Modality == "SEG" and seg.SegmentSequence[0].SegmentLabel == "liver"
     assert str(seg.ReferencedSeriesSequence[0].SeriesInstanceUID) == series["ct_dicom"]["series"]
+
+
+def test_active_learning_offers_an_unlabelled_series(server, samples_dir, tmp_path):
+    url, dicomweb, series, _ = server
+    if not _seg_series(dicomweb, series["ct_dicom"]["series"]):
+        _save_liver(url, series["ct_dicom"]["series"], liver(samples_dir), tmp_path)
+    for strategy in ("first", "random", "uncertainty"):
+        r = requests.post(f"{url}/activelearning/{strategy}", json={"client_id": "al"}, timeout=600)
+        assert r.status_code == 200, (strategy, r.text)
+        assert r.json()["id"] != series["ct_dicom"]["series"], strategy  # labelled: a SEG references it
 
 
 def test_training_learns_from_the_segs_in_the_pacs(server, samples_dir, tmp_path):
