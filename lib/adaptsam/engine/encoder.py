@@ -117,7 +117,7 @@ class SliceEncoder:
         geom = self.geometry(serving, volume, axis)
         predictor = SlicePredictor(serving.model, next(serving.model.parameters()).device)
         inputs = torch.stack([predictor.model_input(volume.normalized_slice(window, axis, s), geom) for s in group])
-        out = predictor.embed(inputs)
+        out = serving.encode(inputs)
         result = {}
         for pos, s in enumerate(group):
             if s not in result:

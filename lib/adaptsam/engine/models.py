@@ -14,9 +14,11 @@ import logging
 import re
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import torch
 
 from ..model import adapter_io
 from ..model.adapters import attach_adapters
@@ -51,6 +53,15 @@ class ServingModel:
     num_slices: int  # slices encoded together (1 unless 3d adapters are trained)
     source: Optional[str] = None
     meta: Dict[str, Any] = field(default_factory=dict)
+    engine: str = "torch"  # what runs the image encoder (encoder_engines.py)
+    encoder: Optional[Callable[[torch.Tensor], torch.Tensor]] = field(default=None, repr=False)
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) in [0, 1] -> (B, 256, h, w) embeddings, on the serving engine."""
+        with torch.inference_mode():
+            if self.encoder is not None:
+                return self.encoder(images)
+            return self.model.encode(images.to(next(self.model.parameters()).device))
 
     @property
     def carries_logits(self) -> bool:
@@ -61,15 +72,20 @@ class ServingModel:
 
     @property
     def key(self) -> str:
-        if self.version == 0:
-            return f"{self.model.backbone}/base"
-        return f"{self.model.backbone}/{self.kind}/v{self.version}"
+        """Names the embeddings this model makes: version and engine (engines differ in rounding)."""
+        name = f"{self.model.backbone}/base" if self.version == 0 else f"{self.model.backbone}/{self.kind}/v{self.version}"
+        return name if self.engine == "torch" else f"{name}+{self.engine}"
 
 
 class ModelHandle:
     CHECK_INTERVAL_S = 1.0
 
-    def __init__(self, kind: str, backbone: str, weights_dir: Path, device: str, pinned: str = ""):
+    def __init__(self, kind: str, backbone: str, weights_dir: Path, device: str, pinned: str = "",
+                 engine: str = "torch", converted=None):
+        """`engine`: torch or openvino; `converted`: the OpenVinoEncoders that convert for it."""
+        self.engine = engine
+        self.converted = converted
+        self._engine_key: Tuple[Optional[int], str] = (None, "")
         self.kind = kind
         self.backbone = backbone
         self.weights_dir = Path(weights_dir)
@@ -104,7 +120,10 @@ class ModelHandle:
     def status(self) -> Optional[Dict[str, Any]]:
         """What is being served (None before the first request loads a model)."""
         cur = self._current
-        return {"version": cur.version, "model": cur.key, "source": cur.source, "pinned": self.pinned or "latest"} if cur else None
+        if cur is None:
+            return None
+        return {"version": cur.version, "model": cur.key, "source": cur.source, "pinned": self.pinned or "latest",
+                "engine": cur.engine, "wanted_engine": self.engine}
 
     def _wanted(self) -> Optional[Path]:
         if self.pinned:
@@ -128,7 +147,17 @@ class ModelHandle:
             if self._current is None or state != self._source_state:
                 self._current = self._load(path)
                 self._source_state = state
+            if self.engine != "torch" and self._current.engine == "torch":
+                self._current = self._with_converted(self._current)
             return self._current
+
+    def _with_converted(self, serving: ServingModel) -> ServingModel:
+        """The same model on the converted encoder once that is ready (conversion starts on the
+        first call and runs in the background; until then torch serves)."""
+        if self._engine_key[0] != id(serving):
+            self._engine_key = (id(serving), self.converted.key(serving.model, serving.source, serving.num_slices))
+        encoder = self.converted.get(self._engine_key[1], serving.model, serving.num_slices)
+        return serving if encoder is None else replace(serving, engine=self.engine, encoder=encoder)
 
     def _base_model(self) -> PromptableSam:
         if self._base is None:

@@ -23,6 +23,8 @@ from monailabel.tasks.activelearning.first import First
 from monailabel.tasks.activelearning.random import Random
 
 from ..engine.allocator import keep_freed_memory
+from ..engine.encoder_engines import OpenVinoEncoders
+from ..engine.encoder_engines import resolve as resolve_engine
 from ..engine.interactive import InteractiveSegmenter, Runtime
 from ..engine.models import CANDIDATES, ModelHandle
 from ..training import gate
@@ -47,6 +49,7 @@ class AdaptSamAppBase:
     def __init__(self, app_dir, studies, conf, weights_dir):
         self.config = AppConfig.from_conf(conf or {}, default_weights_dir=weights_dir)
         self._runtime: Optional[Runtime] = None
+        self._converted: Optional[OpenVinoEncoders] = None
         self._segmenters: Dict[str, InteractiveSegmenter] = {}
         self._runtime_lock = threading.Lock()
         self._auto_lock = threading.Lock()
@@ -67,9 +70,12 @@ class AdaptSamAppBase:
         with self._runtime_lock:
             if self._runtime is None:
                 self._runtime = Runtime(self.config.cache_bytes, self.config.session_bytes)
+                self._converted = OpenVinoEncoders()
             if kind not in self._segmenters:
                 pinned = self.config.adapter_2d if kind == "2d" else self.config.adapter_3d
-                handle = ModelHandle(kind, self.config.backbone, self.config.weights_dir, self.config.resolved_device(), pinned=pinned)
+                device = self.config.resolved_device()
+                handle = ModelHandle(kind, self.config.backbone, self.config.weights_dir, device, pinned=pinned,
+                                     engine=resolve_engine(self.config.engine, device), converted=self._converted)
                 self._segmenters[kind] = InteractiveSegmenter(self._runtime, handle, propagate=self.config.propagate)
             return self._segmenters[kind]
 
@@ -201,6 +207,7 @@ class AdaptSamAppBase:
             "served": {kind: seg.handle.status() for kind, seg in self._segmenters.items()},
             "encoding": rt.encoder.progress() if rt else [],
             "cache": rt.cache.stats() if rt else {},
+            "engine_conversions": self._converted.status() if rt else {},
             "sessions": rt.sessions.stats() if rt else {},
         }
 
@@ -222,3 +229,7 @@ class AdaptSamAppBase:
         security.install(fastapi_app, token, self.config.max_upload_bytes, self.config.cors_origins, open_paths)
         logger.info("AdaptSAM routes installed; API token %s; CORS origins %s", "required" if token else "off",
                     list(self.config.cors_origins) or "none (same origin only)")
+        if resolve_engine(self.config.engine, self.config.resolved_device()) != "torch":
+            # convert the served encoders now, not at the first click (torch answers meanwhile)
+            threading.Thread(target=lambda: [self.segmenter(k).handle.current() for k in MODELS.values()],
+                             name="adaptsam-engine-warmup", daemon=True).start()

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Dict, Tuple
 
+from ..engine.encoder_engines import ENGINES
 from ..engine.request import parse_bool
 from ..model.backbones import BACKBONES
 from ..training.options import TrainOptions
@@ -24,6 +25,8 @@ MONAI_LABEL_KEYS = ("preload", "auth_token", "zoo_source", "zoo_repo", "skip_tra
 HELP = {
     "backbone": f"base model: one of {sorted(BACKBONES)}",
     "device": "auto (cuda when present, else cpu) or a torch device",
+    "engine": "image encoder engine: torch, openvino (CPU; converted once per served model, torch answers "
+              "meanwhile) or auto (openvino on a CPU when installed)",
     "weights_dir": "folder with base checkpoints and published adapters",
     "cache_gb": "embedding cache budget (GiB)",
     "session_gb": "memory for per-client sessions (GiB; least recently used go first)",
@@ -49,6 +52,7 @@ class AppConfig:
     weights_dir: str
     backbone: str = "litemedsam"
     device: str = "auto"
+    engine: str = "torch"
     cache_bytes: int = 2 << 30
     session_bytes: int = 1 << 30
     propagate: bool = True
@@ -77,6 +81,10 @@ class AppConfig:
                 if c["backbone"] not in BACKBONES:
                     raise ConfError(f"--conf backbone must be one of {sorted(BACKBONES)}, got {c['backbone']!r}")
                 kw["backbone"] = c["backbone"]
+            if "engine" in c:
+                if c["engine"] not in ENGINES:
+                    raise ConfError(f"--conf engine must be one of {list(ENGINES)}, got {c['engine']!r}")
+                kw["engine"] = c["engine"]
             for key in ("device", "adapter_2d", "adapter_3d"):
                 if key in c:
                     kw[key] = c[key]

@@ -1,0 +1,149 @@
+"""The encoder engine: which one is chosen, the OpenVINO conversion (in the background, kept on
+disk, one per served model, falling back to torch), and that its masks are torch's."""
+
+from __future__ import annotations
+
+import shutil
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import samples
+from adaptsam.engine.encoder_engines import OpenVinoEncoders, openvino_available, resolve
+from adaptsam.engine.interactive import InteractiveSegmenter, Runtime
+from adaptsam.engine.metrics import bounding_box, largest_slice
+from adaptsam.engine.models import ModelHandle
+from adaptsam.engine.request import SegmentRequest
+from server_util import WEIGHTS
+
+IMAGE = "ct_dicom"
+
+
+def test_the_engine_choice():
+    assert openvino_available()  # pinned: `auto` means OpenVINO on a CPU
+    assert resolve("auto", "cpu") == "openvino"
+    assert resolve("auto", "cuda") == "torch" and resolve("auto", "cuda:1") == "torch"
+    assert resolve("torch", "cpu") == "torch" and resolve("openvino", "cpu") == "openvino"
+    with pytest.raises(ValueError, match="CPU"):
+        resolve("openvino", "cuda")
+    with pytest.raises(ValueError, match="engine must be one of"):
+        resolve("tensorrt", "cpu")
+
+
+@pytest.fixture(scope="module")
+def ov_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("openvino-cache")
+
+
+def _boxes(samples_dir):
+    label, _, names = samples.load_reference(samples_dir, IMAGE)
+    out = []
+    for value, name in sorted(names.items())[:6]:
+        truth = label == value
+        if truth.sum() < 200:
+            continue
+        k = largest_slice(truth)
+        r0, c0, r1, c1 = bounding_box(truth[:, :, k])
+        out.append((name, [r0, r1, c0, c1, k, k]))
+    return out
+
+
+def _masks(handle, samples_dir, boxes):
+    runtime = Runtime(1 << 30, 1 << 28)
+    seg = InteractiveSegmenter(runtime, handle, propagate=False)
+    path = str(samples.image_path(samples_dir, IMAGE))
+    out = {}
+    for name, roi in boxes:
+        result = seg.segment(SegmentRequest(path, IMAGE, label=name, roi=roi, mode="slice", client_id=f"t-{name}"))
+        out[name] = (result.label[:, :, roi[4]].copy(), result.model)
+    runtime.stop()
+    return out
+
+
+def test_openvino_converts_in_the_background_and_answers_with_torchs_masks(samples_dir, ov_cache, tmp_path):
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    shutil.copy2(WEIGHTS / "adaptsam_2d_litemedsam_v4.pt", weights)
+    converted = OpenVinoEncoders(ov_cache)
+    handle = ModelHandle("2d", "litemedsam", weights, "cpu", engine="openvino", converted=converted)
+    first = handle.current()
+    assert first.engine == "torch" and first.key == "litemedsam/2d/v4"  # torch answers while it converts
+    assert converted.wait(first.model, first.source, 1) is not None, converted.status()
+    time.sleep(ModelHandle.CHECK_INTERVAL_S)
+    served = handle.current()
+    assert served.engine == "openvino" and served.key == "litemedsam/2d/v4+openvino"
+    x = torch.rand(1, 3, served.model.input_size, served.model.input_size)
+    assert torch.allclose(served.encode(x), first.encode(x), atol=1e-4)
+    boxes = _boxes(samples_dir)
+    ov = _masks(handle, samples_dir, boxes)
+    eager = _masks(ModelHandle("2d", "litemedsam", weights, "cpu"), samples_dir, boxes)
+    for name, _ in boxes:
+        assert ov[name][1].endswith("+openvino") and not eager[name][1].endswith("+openvino")
+        assert np.array_equal(ov[name][0], eager[name][0]), name
+    assert len(list(ov_cache.glob("*.xml"))) == 1
+
+
+def test_a_restart_reuses_the_conversion_and_another_version_gets_its_own(samples_dir, ov_cache, tmp_path):
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    shutil.copy2(WEIGHTS / "adaptsam_2d_litemedsam_v4.pt", weights)
+    before = {p.name: p.stat().st_mtime_ns for p in ov_cache.glob("*.xml")}
+    assert before, "run after the conversion test"
+    converted = OpenVinoEncoders(ov_cache)  # a new server process
+    handle = ModelHandle("2d", "litemedsam", weights, "cpu", engine="openvino", converted=converted)
+    serving = handle.current()
+    t0 = time.time()
+    assert converted.wait(serving.model, serving.source, 1) is not None
+    assert time.time() - t0 < 20  # read from disk, not converted again
+    assert {p.name: p.stat().st_mtime_ns for p in ov_cache.glob("*.xml")} == before
+    # another adapter version (3) is another encoder: never served from version 4's conversion
+    v3 = converted.key(serving.model, str(WEIGHTS / "adaptsam_2d_litemedsam_v3.pt"), 1)
+    assert v3 not in {p.stem for p in ov_cache.glob("*.xml")}
+    assert v3 != converted.key(serving.model, serving.source, 1) != converted.key(serving.model, None, 1)
+
+
+def test_a_new_version_is_served_at_once_and_converted_behind(samples_dir, ov_cache, tmp_path):
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    shutil.copy2(WEIGHTS / "adaptsam_2d_litemedsam_v4.pt", weights)
+    slow = []
+
+    def slow_convert(key, model, batch):
+        slow.append(key)
+        time.sleep(3)
+        return OpenVinoEncoders(ov_cache)._convert(key, model, batch)
+
+    converted = OpenVinoEncoders(ov_cache, convert=slow_convert)
+    handle = ModelHandle("2d", "litemedsam", weights, "cpu", engine="openvino", converted=converted)
+    v4 = handle.current()
+    converted.wait(v4.model, v4.source, 1)
+    time.sleep(ModelHandle.CHECK_INTERVAL_S)
+    assert handle.current().engine == "openvino"
+    # a publication (other weights: the shipped v3's, as version 5's file)
+    shutil.copy2(WEIGHTS / "adaptsam_2d_litemedsam_v3.pt", weights / "adaptsam_2d_litemedsam_v5.pt")
+    time.sleep(ModelHandle.CHECK_INTERVAL_S)
+    v5 = handle.current()
+    key5 = converted.key(v5.model, v5.source, 1)
+    # served on torch while its conversion is still running: no click waits for it
+    assert v5.source.endswith("_v5.pt") and v5.engine == "torch" and converted.status()[key5] == "converting"
+    assert len(slow) == 2
+    assert converted.wait(v5.model, v5.source, 1) is not None
+    time.sleep(ModelHandle.CHECK_INTERVAL_S)
+    assert handle.current().source.endswith("_v5.pt") and handle.current().engine == "openvino"
+
+
+def test_a_failed_conversion_leaves_torch_serving(samples_dir, tmp_path):
+    def broken(key, model, batch):
+        raise RuntimeError("conversion exploded")
+
+    converted = OpenVinoEncoders(tmp_path / "cache", convert=broken)
+    handle = ModelHandle("2d", "litemedsam", WEIGHTS, "cpu", engine="openvino", converted=converted)
+    serving = handle.current()
+    assert converted.wait(serving.model, serving.source, 1, timeout=30) is None
+    assert any(v.startswith("failed: RuntimeError: conversion exploded") for v in converted.status().values())
+    time.sleep(ModelHandle.CHECK_INTERVAL_S)
+    assert handle.current().engine == "torch"
+    boxes = _boxes(samples_dir)[:1]
+    assert _masks(handle, samples_dir, boxes)[boxes[0][0]][0].sum() > 0
