@@ -6,7 +6,6 @@ straight from /infer, training from SEGs in the PACS, and a PACS that does not a
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 import time

@@ -11,7 +11,6 @@ import hashlib
 import http.client
 import json
 import os
-import shutil
 import signal
 import tempfile
 import time
@@ -148,7 +147,7 @@ def test_traversal_on_every_route_never_touches_a_file_outside_the_datastore(ser
         ("POST", f"/infer/adaptsam?image={evil}", {"data": {"params": json.dumps({"roi": [1, 5, 1, 5, 3, 3]})}}),
         ("POST", f"/infer/adaptsam?image={IMAGE}", {"data": {"params": json.dumps({"roi": [1, 5, 1, 5, 3, 3], "image": "/etc/passwd"})}}),
         ("POST", f"/infer/adaptsam?image={IMAGE}", {"data": {"params": json.dumps({"roi": [1, 5, 1, 5, 3, 3], "mask_prompt": str(root / "outside.nii.gz")})}}),
-        ("GET", f"/ohif/..%2F..%2F..%2Fmain.py", {}),
+        ("GET", "/ohif/..%2F..%2F..%2Fmain.py", {}),
     ]
     for method, path, kw in attacks:
         r = call(method, url, path, **kw)
@@ -184,7 +183,7 @@ def test_a_broken_label_is_refused_and_the_datastore_stays_as_it_was(server, sam
     for what, data in broken.items():
         r = call("PUT", url, f"/datastore/label?image={IMAGE}&tag=final", files={"label": ("label.nii.gz", data)})
         assert r.status_code in (413, 422), (what, r.status_code, r.text[:300])
-    r = call("PUT", url, f"/datastore/label?image=no_such_image", files={"label": ("label.nii.gz", nifti_bytes(good, affine))})
+    r = call("PUT", url, "/datastore/label?image=no_such_image", files={"label": ("label.nii.gz", nifti_bytes(good, affine))})
     assert r.status_code == 404
     assert call("GET", url, "/datastore/?output=all").json() == before
     assert tree(studies) == files

@@ -24,6 +24,8 @@ from typing import Callable, Dict, Optional
 
 import torch
 
+from ..model.backbones import file_sha256
+
 logger = logging.getLogger(__name__)
 
 ENGINES = ("auto", "torch", "openvino")
@@ -53,14 +55,6 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "adaptsam" / "openvino"
 
 
-def file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 class _EncoderModule(torch.nn.Module):
     def __init__(self, model):
         super().__init__()
@@ -83,7 +77,7 @@ class OpenVinoEncoders:
     def key(self, model, adapter_file: Optional[str], batch: int) -> str:
         import openvino
 
-        parts = [model.backbone, model.checkpoint_sha256, file_sha256(adapter_file) if adapter_file else "base",
+        parts = [model.backbone, model.checkpoint_sha256, file_sha256(Path(adapter_file)) if adapter_file else "base",
                  str(batch), str(model.input_size), openvino.__version__]
         return hashlib.sha256("|".join(parts).encode()).hexdigest()[:24]
 
