@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 ORTHANC_PORT ?= 8042
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup test test-slow serve pacs orthanc samples benchmark clean
+.PHONY: setup test test-slow serve pacs orthanc browser samples benchmark clean
 
 setup: $(VENV)/.installed
 
@@ -29,7 +29,7 @@ samples: setup
 	$(PY) tools/samples.py fetch $(SAMPLES)
 
 # quality-style statistics over whole volumes are marked slow: `make test-slow` runs them
-test: samples orthanc
+test: samples orthanc browser
 	ADAPTSAM_SAMPLES=$(abspath $(SAMPLES)) $(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 test-slow: samples
@@ -54,8 +54,16 @@ orthanc:
 		( $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
 			--no-install-recommends orthanc orthanc-dicomweb )
 
+# headless Chromium (Debian), node, and puppeteer-core from tests/e2e/package-lock.json (tests/test_ohif_browser.py)
+browser:
+	@test -x /usr/bin/chromium || ( $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+		--no-install-recommends chromium )
+	@( command -v node && command -v npm ) >/dev/null 2>&1 || ( $(SUDO) apt-get update -qq && $(SUDO) env \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nodejs npm )
+	@test -f tests/e2e/node_modules/puppeteer-core/package.json || ( cd tests/e2e && npm ci --no-audit --no-fund )
+
 benchmark: samples
 	ADAPTSAM_SAMPLES=$(abspath $(SAMPLES)) $(PY) benchmarks/interactive.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache tests/e2e/node_modules tests/artifacts

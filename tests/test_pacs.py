@@ -31,23 +31,13 @@ FAST_TRAIN = {"train_max_epochs": "1", "train_steps_per_epoch": "2", "train_trai
 
 
 @pytest.fixture(scope="module")
-def orthanc(samples_dir, tmp_path_factory):
-    try:
-        pacs.orthanc_binary()
-    except FileNotFoundError as e:
-        pytest.fail(str(e))
-    root = tmp_path_factory.mktemp("pacs")
-    port = free_port()
-    proc = pacs.start_orthanc(root / "orthanc", port)
-    url = f"http://127.0.0.1:{port}/dicom-web"
-    series = pacs.upload_samples(url, samples_dir)
-    # the CT once more as the sample ships it, JPEG 2000: the server must decode it itself
+def orthanc(orthanc, samples_dir):
+    """The PACS (conftest.py) with the CT once more as the sample ships it, JPEG 2000: the server
+    must decode that itself."""
+    url, series, root = orthanc
     files = list(samples.dicom_dir(samples_dir, "ct_dicom").iterdir())
     series["ct_j2k"] = pacs.store(url, pacs.prepared(files, "ct_dicom_j2k", decompress=False))
-    try:
-        yield url, series, root
-    finally:
-        pacs.stop(proc)
+    return url, series, root
 
 
 @pytest.fixture(scope="module")
