@@ -33,7 +33,7 @@ from scipy import ndimage
 import pacs
 import samples
 from adaptsam.engine.metrics import largest_slice
-from server_util import REPO, running_server
+from server_util import REPO, server_process
 
 E2E = REPO / "tests" / "e2e"
 SCRIPT = E2E / "ohif_check.mjs"
@@ -42,6 +42,8 @@ CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 INSTALL_CHROMIUM = "apt-get install -y --no-install-recommends chromium"
 INSTALL_NODE = "apt-get install -y --no-install-recommends nodejs npm"
 INSTALL_PUPPETEER = f"cd {E2E.relative_to(REPO)} && npm ci --no-audit --no-fund"
+TOKEN = "ohif-browser-token"  # the server runs with an API token: OHIF logs in by link (cookie)
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
 BROWSER_BUDGET_S = 120  # the browser part: open, connect, click, infer, draw, save, reopen
 RUN_TIMEOUT_S = 170  # kill the browser script past this
 
@@ -77,7 +79,8 @@ def server(browser_tools, orthanc, tmp_path_factory):
     # OHIF's point request names no mode, so the server's default applies: one slice here (with
     # propagation every slice of the CT would be segmented on the CPU, minutes on a small machine)
     conf = {"auto_train_every": "0", "weights_dir": str(weights), "propagate": "false"}
-    with running_server(url, conf=conf, log=root / "server.log", env=pacs.server_env(url, root / "cache")) as server_url:
+    env = {**pacs.server_env(url, root / "cache"), "ADAPTSAM_API_TOKEN": TOKEN}
+    with server_process(url, conf=conf, log=root / "server.log", env=env, headers=AUTH) as (server_url, _):
         yield server_url, url, series, root / "server.log"
 
 
@@ -103,7 +106,7 @@ def tail(path: Path, chars: int = 3000) -> str:
 
 def run_browser(node, server_url, study, series, click, out: Path, server_log: Path):
     out.mkdir(parents=True, exist_ok=True)
-    cmd = [node, str(SCRIPT), server_url, study, series, ",".join(map(str, click)), str(out)]
+    cmd = [node, str(SCRIPT), server_url, study, series, ",".join(map(str, click)), str(out), TOKEN]
     t0 = time.monotonic()
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=RUN_TIMEOUT_S, cwd=E2E)
@@ -189,6 +192,11 @@ def test_a_point_in_ohif_draws_the_liver_and_the_saved_seg_appears_in_the_series
     r, seconds = run_browser(browser_tools, url, study, ct, click, ARTIFACTS, log)
     print(f"browser part {seconds:.1f} s; steps (s from start): {r['timings_s']}; infer {r['infer']['seconds']} s")
 
+    # the server wants its token: the page logged in by link (redirect + cookie) and every later
+    # request of the viewer and its panel passed (no 401 below); without it the server refuses
+    assert r["login"]["status"] == 200 and r["login"]["redirected"] == 1 and "token=" not in r["login"]["url"], r["login"]
+    assert requests.get(f"{url}/ohif/", timeout=30).status_code == 401 and requests.get(f"{url}/info/", timeout=30).status_code == 401
+
     # the study in the MONAI Label mode: its route, its three MPR viewports on the CT, its panel
     mode = r["mode"]
     assert mode["route"] == "/ohif/monai-label" and mode["panel"] and mode["server_input"], mode
@@ -243,7 +251,7 @@ def test_a_point_in_ohif_draws_the_liver_and_the_saved_seg_appears_in_the_series
     assert seg is not None, "no SEG referencing the CT in Orthanc"
     assert seg.SegmentSequence[0].SegmentLabel == "liver"
     reference = tmp_path / "ct.nii.gz"
-    reference.write_bytes(requests.get(f"{url}/datastore/image", params={"image": ct}, timeout=300).content)
+    reference.write_bytes(requests.get(f"{url}/datastore/image", params={"image": ct}, headers=AUTH, timeout=300).content)
     stored = seg_on_grid(seg, reference)
     nz = np.flatnonzero(stored.ravel(order="F"))
     assert len(nz) == voxels and int(nz.sum()) == lm["index_sum"], "the SEG is not the viewer's labelmap"

@@ -29,7 +29,7 @@ const FLAGS = ['--headless', '--no-sandbox', '--disable-dev-shm-usage', '--use-a
 const MODEL = process.env.OHIF_MODEL || 'adaptsam';
 const SEGMENT = 'liver';
 
-const [serverArg, study, series, clickArg, outDir] = process.argv.slice(2);
+const [serverArg, study, series, clickArg, outDir, token] = process.argv.slice(2);
 if (!outDir) {
   console.error('usage: node ohif_check.mjs <server URL> <StudyInstanceUID> <SeriesInstanceUID> <i,j,k> <output folder>');
   process.exit(2);
@@ -104,6 +104,11 @@ async function main() {
     });
 
     // ---- 1. the study in the MONAI Label mode ---------------------------------------------------
+    if (token) {  // the server wants its API token: log in once by link, the cookie does the rest
+      step = 'log in with the API token link';
+      const login = await page.goto(`${server}/ohif/?token=${encodeURIComponent(token)}`, {waitUntil: 'domcontentloaded', timeout: 60000});
+      result.login = {status: login.status(), url: page.url(), redirected: login.request().redirectChain().length};
+    }
     step = 'open the study in the MONAI Label mode';
     await page.goto(`${server}/ohif/monai-label?StudyInstanceUIDs=${study}`, {waitUntil: 'networkidle2', timeout: 60000});
     await waitFor(page, 'three MPR viewports with the CT volume', () => {

@@ -225,7 +225,8 @@ class AdaptSamAppBase:
         token = security.configured_token()
         routes.install(fastapi_app, app_instance, prefix=settings.MONAI_LABEL_API_STR, token=token,
                        max_upload=self.config.max_upload_bytes)
-        open_paths = [settings.MONAI_LABEL_API_STR + p for p in ("/auth/", "/auth/token")] if token else []
+        # the login itself, and OHIF's web-app manifest (public metadata browsers fetch without cookies)
+        open_paths = [settings.MONAI_LABEL_API_STR + p for p in ("/auth/", "/auth/token", "/ohif/manifest.json")] if token else []
         security.install(fastapi_app, token, self.config.max_upload_bytes, self.config.cors_origins, open_paths)
         logger.info("AdaptSAM routes installed; API token %s; CORS origins %s", "required" if token else "off",
                     list(self.config.cors_origins) or "none (same origin only)")
