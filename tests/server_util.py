@@ -51,7 +51,9 @@ def server_process(studies: Path, conf: Optional[Dict[str, str]] = None, log: Op
     port = free_port()
     cmd = [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(APP_DIR), "--studies", str(studies),
            "--host", "127.0.0.1", "--port", str(port)]
-    for k, v in (conf or {}).items():
+    # torch unless a test asks for another engine: a background conversion in every test server
+    # would compete for the cores (tests/test_encoder_engines.py runs one on `auto`)
+    for k, v in {"engine": "torch", **(conf or {})}.items():
         cmd += ["--conf", k, str(v)]
     env = {**os.environ, **(env or {})}
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")

@@ -3,6 +3,7 @@ disk, one per served model, falling back to torch), and that its masks are torch
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 import samples
-from adaptsam.engine.encoder_engines import OpenVinoEncoders, openvino_available, resolve
+from adaptsam.engine.encoder_engines import OpenVinoEncoders, default_precision, openvino_available, resolve
 from adaptsam.engine.interactive import InteractiveSegmenter, Runtime
 from adaptsam.engine.metrics import bounding_box, largest_slice
 from adaptsam.engine.models import ModelHandle
@@ -147,3 +148,60 @@ def test_a_failed_conversion_leaves_torch_serving(samples_dir, tmp_path):
     assert handle.current().engine == "torch"
     boxes = _boxes(samples_dir)[:1]
     assert _masks(handle, samples_dir, boxes)[boxes[0][0]][0].sum() > 0
+
+
+def test_a_session_goes_on_when_the_converted_encoder_takes_over(samples_dir, ov_cache, tmp_path):
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    shutil.copy2(WEIGHTS / "adaptsam_2d_litemedsam_v4.pt", weights)
+
+    def slow_convert(key, model, batch):
+        time.sleep(2)
+        return OpenVinoEncoders(ov_cache)._convert(key, model, batch)
+
+    converted = OpenVinoEncoders(ov_cache, convert=slow_convert)
+    handle = ModelHandle("2d", "litemedsam", weights, "cpu", engine="openvino", converted=converted)
+    runtime = Runtime(1 << 30, 1 << 28)
+    seg = InteractiveSegmenter(runtime, handle, propagate=False)
+    label, _, _ = samples.load_reference(samples_dir, IMAGE)
+    truth = label == samples.label_value(samples_dir, IMAGE, "liver")
+    k = largest_slice(truth)
+    inside = np.argwhere(truth[:, :, k])
+    clicks = [[*inside[len(inside) // 2], k], [*inside[len(inside) // 7], k]]
+    request = dict(image_path=str(samples.image_path(samples_dir, IMAGE)), image_id=IMAGE, label="liver", mode="slice",
+                   client_id="reader")
+    try:
+        first = seg.segment(SegmentRequest(**request, foreground=[[int(v) for v in c] for c in clicks[:1]]))
+        assert first.model == "litemedsam/2d/v4"  # torch, while converting
+        converted.wait(handle.current().model, handle.current().source, 1)
+        time.sleep(ModelHandle.CHECK_INTERVAL_S)
+        second = seg.segment(SegmentRequest(**request, foreground=[[int(v) for v in c] for c in clicks]))
+        assert second.model == "litemedsam/2d/v4+openvino" and not second.embedding_cached  # torch's are not reused
+        session = runtime.sessions.get("reader", IMAGE, "liver", "litemedsam/2d/v4")
+        assert len(session.history) == 2 and len(session.foreground) == 2  # the correction continued the session
+    finally:
+        runtime.stop()
+
+
+def test_a_server_on_auto_serves_the_converted_encoder(samples_dir, tmp_path):
+    from server_util import copy_studies, server_process
+    import requests
+
+    studies = copy_studies(samples_dir, tmp_path / "studies", image_ids={IMAGE})
+    engine = "openvino-bf16" if default_precision() == "bf16" else "openvino"
+    with server_process(studies, {"engine": "auto"}, log=tmp_path / "server.log") as (url, _):
+        deadline = time.time() + 300
+        while time.time() < deadline:  # the app converts the served encoders at start
+            conversions = requests.get(url + "/adaptsam/progress", timeout=30).json()["engine_conversions"]
+            if len(conversions) == 2 and all(v == "ready" for v in conversions.values()):
+                break
+            time.sleep(1)
+        assert all(v == "ready" for v in conversions.values()), conversions
+        time.sleep(ModelHandle.CHECK_INTERVAL_S)
+        boxes = _boxes(samples_dir)[:1]
+        r = requests.post(f"{url}/infer/adaptsam?image={IMAGE}&output=json", timeout=120,
+                          data={"params": json.dumps({"label": boxes[0][0], "roi": [int(v) for v in boxes[0][1]], "mode": "slice"})})
+        assert r.status_code == 200, r.text
+        assert r.json()["model"] == f"litemedsam/2d/v4+{engine}"
+        served = requests.get(url + "/adaptsam/progress", timeout=30).json()["served"]["2d"]
+        assert served["engine"] == served["wanted_engine"] == engine

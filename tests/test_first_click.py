@@ -80,6 +80,10 @@ def test_served_first_click_is_the_proposal_with_the_highest_predicted_iou_that_
     plane_truth = take_slice(truth[:, :, k : k + 1], 2, 0)
     print(f"liver, one click: plain {dice(plain.mask, plane_truth):.3f}, through boxes {dice(chosen.mask, plane_truth):.3f}")
     assert chosen.iou > plain.iou  # the liver's first answer is a blob: a box around it wins
+    # the GPU's way (the box passes as one batched decoder call) chooses the same answer
+    batched = answer_lone_click(predictor, emb, geom, rc, batched=True)
+    assert abs(batched.iou - chosen.iou) < 1e-4 and dice(batched.mask, chosen.mask) > 0.999
+    assert np.array_equal(batched.low_res_logits.shape, chosen.low_res_logits.shape)
 
 
 @pytest.mark.slow

@@ -6,7 +6,8 @@ Every structure of every image with a `final` label is segmented through the ser
 path: a 3D box then up to 5 correction clicks, and 1..10 clicks without a box, each correction
 at the centre of the largest 3D error (evaluation/protocol.py). Models: `base` (no adapter),
 `2d` / `3d` (the newest published of that kind in --weights), `2d:N` (version N), or
-`NAME=PATH` (an adapter file, e.g. a training candidate). Writes evaluation.json,
+`NAME=PATH` (an adapter file, e.g. a training candidate), each with an optional `+openvino` or
+`+openvino-bf16` to run its encoder on that engine. Writes evaluation.json,
 evaluation.md (a table) and two plots into --out.
 """
 
@@ -15,8 +16,9 @@ from __future__ import annotations
 import argparse
 import logging
 import tempfile
+from dataclasses import replace
 from pathlib import Path
-from typing import Dict
+from typing import Dict, Tuple
 
 from .evaluation.protocol import Protocol
 from .evaluation.report import table, write
@@ -25,21 +27,28 @@ from .server.datalist import labelled_cases, open_datastore
 
 
 def parse_models(spec: str, weights: str, backbone: str) -> Dict[str, ModelSpec]:
+    """`base,2d,3d:4,NAME=FILE.pt`, each optionally `+openvino` / `+openvino-bf16` (the encoder
+    engine; torch when absent)."""
     out: Dict[str, ModelSpec] = {}
     for item in [s.strip() for s in spec.split(",") if s.strip()]:
-        if item == "base":
-            out["base"] = base_spec(tempfile.mkdtemp(prefix="adaptsam-base-"), backbone)
-        elif "=" in item:
-            name, path = item.split("=", 1)
-            from .model.adapter_io import read_adapter_meta
-
-            out[name] = ModelSpec(read_adapter_meta(path)["kind"], str(Path(path).parent), str(Path(path).resolve()), backbone)
-        else:
-            kind, _, version = item.partition(":")
-            if kind not in ("2d", "3d"):
-                raise SystemExit(f"unknown model {item!r}: use base, 2d, 3d, 2d:N, 3d:N or NAME=PATH")
-            out[item] = ModelSpec(kind, weights, version.lstrip("v"), backbone)
+        model, _, engine = item.partition("+")
+        name, found = _model(model, weights, backbone)
+        out[name + (f"+{engine}" if engine else "")] = replace(found, engine=engine or "torch")
     return out
+
+
+def _model(item: str, weights: str, backbone: str) -> Tuple[str, ModelSpec]:
+    if item == "base":
+        return "base", base_spec(tempfile.mkdtemp(prefix="adaptsam-base-"), backbone)
+    if "=" in item:
+        from .model.adapter_io import read_adapter_meta
+
+        name, path = item.split("=", 1)
+        return name, ModelSpec(read_adapter_meta(path)["kind"], str(Path(path).parent), str(Path(path).resolve()), backbone)
+    kind, _, version = item.partition(":")
+    if kind not in ("2d", "3d"):
+        raise SystemExit(f"unknown model {item!r}: use base, 2d, 3d, 2d:N, 3d:N or NAME=PATH")
+    return item, ModelSpec(kind, weights, version.lstrip("v"), backbone)
 
 
 def main(argv=None) -> int:

@@ -102,24 +102,45 @@ class SliceEncoder:
 
     def embedding(self, serving: ServingModel, volume: Volume, image: str, axis: int, index: int, window,
                   ahead: int = 0) -> Tuple[torch.Tensor, bool]:
-        """(embedding (1, C, h, w), was_cached) for one slice; computes its window on a miss.
-        `ahead` (+1 / -1): the caller will walk on in that direction (propagation)."""
+        """(embedding (1, C, h, w), was_cached) for one slice; computes it on a miss, with the
+        slices the caller will need next when it says so: `ahead` (+1 / -1) is the direction a
+        propagation walks, and a miss then encodes a whole batch that way (serving.encode_batch)."""
         key = self.key(image, axis, index, serving, window)
         hit = self.cache.get(key)
         if hit is not None:
             return hit[None], True
-        embeddings = self._encode(serving, volume, image, axis, index, window)
-        return embeddings[index][None], False
-
-    def _encode(self, serving: ServingModel, volume: Volume, image: str, axis: int, index: int, window) -> Dict[int, torch.Tensor]:
         depth = volume.shape[axis]
-        group, _ = window_group(index, serving.num_slices, depth)
+        wanted = [index]
+        if ahead:
+            wanted += [s for s in range(index + ahead, index + ahead * serving.encode_batch, ahead) if 0 <= s < depth]
+        return self.prefetch(serving, volume, image, axis, wanted, window, calls=1)[index][None], False
+
+    def prefetch(self, serving: ServingModel, volume: Volume, image: str, axis: int, indices, window,
+                 calls: Optional[int] = None) -> Dict[int, torch.Tensor]:
+        """Encode the slices among `indices` that are not cached (with their windows), in
+        batches of serving.encode_batch, at most `calls` batches (the first holds indices[0]);
+        returns the embeddings of those it encoded."""
+        depth, n = volume.shape[axis], serving.num_slices
+        starts = []  # the windows to encode, in the order asked
+        for s in indices:
+            start = (s // n) * n
+            if start not in starts and self.key(image, axis, s, serving, window) not in self.cache:
+                starts.append(start)
+        per_call = max(1, serving.encode_batch // n)
+        result: Dict[int, torch.Tensor] = {}
+        for i in range(0, min(len(starts), per_call * (calls or len(starts))), per_call):
+            groups = [window_group(start, n, depth)[0] for start in starts[i : i + per_call]]
+            result.update(self._encode(serving, volume, image, axis, [s for g in groups for s in g], window))
+        return result
+
+    def _encode(self, serving: ServingModel, volume: Volume, image: str, axis: int, slices: List[int], window) -> Dict[int, torch.Tensor]:
+        """One encoder call on `slices` (whole windows, in order); each result cached."""
         geom = self.geometry(serving, volume, axis)
-        predictor = SlicePredictor(serving.model, next(serving.model.parameters()).device)
-        inputs = torch.stack([predictor.model_input(volume.normalized_slice(window, axis, s), geom) for s in group])
+        predictor = SlicePredictor(serving.model, serving.device)
+        inputs = torch.stack([predictor.model_input(volume.normalized_slice(window, axis, s), geom) for s in slices])
         out = serving.encode(inputs)
         result = {}
-        for pos, s in enumerate(group):
+        for pos, s in enumerate(slices):
             if s not in result:
                 # decode from what the cache holds (fp16), also on a miss: the same click must get
                 # the same answer whether or not its slice was cached
@@ -176,7 +197,8 @@ class SliceEncoder:
                     self._lock.wait(timeout=1.0)
             job, index = work
             try:
-                self._encode(job.serving, job.volume, job.image, job.axis, index, job.window)
+                ahead = [s for s in job.order[job.order.index(index):] if s != index][: job.serving.encode_batch - 1]
+                self.prefetch(job.serving, job.volume, job.image, job.axis, [index] + ahead, job.window, calls=1)
             except Exception:  # a bad volume must not kill the worker
                 logger.exception("background encoding of %s slice %s failed", job.image, index)
                 with self._lock:

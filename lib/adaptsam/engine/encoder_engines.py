@@ -8,8 +8,13 @@ OpenVINO version, and a restart loads it instead of converting again. Conversion
 background thread and never blocks a click: torch answers until the converted encoder is
 ready, and a failed conversion leaves torch serving with the reason logged.
 
+Precision: fp32, or bf16 where the CPU computes in it. bf16 roughly halves the time on CPUs
+with AVX512-BF16 or AMX and moves mask edges by a pixel here and there; whether `auto` takes it
+was decided with the built-in evaluation (docs/experiments.md, "encoder precision").
+
 An engine's embeddings are not bit-identical to another's, so a model served through OpenVINO
-has its own model key (`.../v4+openvino`): its embeddings and sessions never mix with torch's.
+has its own model key (`.../v4+openvino`, `.../v4+openvino-bf16`): its embeddings never mix with
+torch's.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from ..model.backbones import file_sha256
 logger = logging.getLogger(__name__)
 
 ENGINES = ("auto", "torch", "openvino")
+PRECISIONS = ("f32", "bf16")
 Encoder = Callable[[torch.Tensor], torch.Tensor]  # (B, 3, S, S) in [0, 1] -> (B, 256, h, w)
 
 
@@ -51,6 +57,22 @@ def resolve(choice: str, device: str) -> str:
     return choice
 
 
+def cpu_has_bf16() -> bool:
+    """Whether OpenVINO computes bf16 natively on this CPU (AVX512-BF16 or AMX)."""
+    import openvino as ov
+
+    return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+
+
+# Whether `auto` and `openvino` compute in bf16 where the CPU has it; decided with the built-in
+# evaluation (docs/experiments.md, "encoder precision").
+SERVE_BF16 = True
+
+
+def default_precision() -> str:
+    return "bf16" if SERVE_BF16 and cpu_has_bf16() else "f32"
+
+
 def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "adaptsam" / "openvino"
 
@@ -67,12 +89,20 @@ class _EncoderModule(torch.nn.Module):
 class OpenVinoEncoders:
     """Converted encoders by serving model, converted in one background thread."""
 
-    def __init__(self, cache_dir: Optional[Path] = None, convert: Optional[Callable] = None):
+    def __init__(self, cache_dir: Optional[Path] = None, convert: Optional[Callable] = None, precision: str = "f32"):
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        self.precision = precision
         self.cache_dir = Path(cache_dir or default_cache_dir())
         self._convert_fn = convert or self._convert  # tests pass a failing one
         self._ready: Dict[str, Encoder] = {}
         self._state: Dict[str, str] = {}  # key -> converting / ready / failed: <reason>
         self._lock = threading.Lock()
+
+    @property
+    def engine(self) -> str:
+        """The engine's name in model keys and /info."""
+        return "openvino" if self.precision == "f32" else f"openvino-{self.precision}"
 
     def key(self, model, adapter_file: Optional[str], batch: int) -> str:
         import openvino
@@ -138,15 +168,17 @@ class OpenVinoEncoders:
             ov.save_model(converted, str(tmp), compress_to_fp16=False)
             tmp.with_suffix(".bin").replace(xml.with_suffix(".bin"))  # the weights first: a complete .xml means both
             tmp.replace(xml)
-        # fp32 inference: the embeddings then match torch's to float rounding
-        return core.compile_model(converted, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+        # f32 is asked for explicitly: OpenVINO's CPU default is bf16 wherever the CPU has it
+        return core.compile_model(converted, "CPU", {"INFERENCE_PRECISION_HINT": self.precision})
 
 
 def _compiled_encoder(compiled, batch: int, model) -> Encoder:
     request_lock = threading.Lock()  # one compiled model, callers in several threads
 
     def encode(images: torch.Tensor) -> torch.Tensor:
-        if images.shape[0] != batch:  # converted for the served window only
+        # the converted model takes any batch (its shapes are dynamic); a 3D adapter's batch
+        # must be whole windows, as in torch
+        if images.shape[0] % batch:
             return model.encode(images)
         with request_lock:
             out = compiled(images.detach().cpu().numpy())[0]

@@ -9,11 +9,16 @@ with the highest predicted IoU that contains the click is the reply (the first a
 competes; an answer without the click segmented something else, such as the vertebra around a
 spinal-cord click). Five more decoder passes, on the first click of a slice only. How this was
 chosen against other candidates: docs/experiments.md.
+
+On a GPU the five box passes are one batched decoder call. On a CPU they run one after the
+other: two cores spend the same time per prompt in a batch (the decoder's transformer over the
+64x64 image tokens is most of a pass, and it is repeated per prompt), and the batch's larger
+intermediate tensors make it slower than the passes in turn.
 """
 
 from __future__ import annotations
 
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -39,13 +44,20 @@ def proposal_boxes(mask: np.ndarray, scales: Sequence[float] = SCALES) -> List[T
 
 
 def answer_lone_click(predictor: SlicePredictor, embedding, geom: SliceGeometry, click: Sequence[int],
-                      scales: Sequence[float] = SCALES) -> Prediction:
-    """The reply to one positive click (row, col) on a slice with no other prompt."""
+                      scales: Sequence[float] = SCALES, batched: Optional[bool] = None) -> Prediction:
+    """The reply to one positive click (row, col) on a slice with no other prompt; `batched`:
+    the box passes as one decoder call (default: on a GPU)."""
     first = predictor.predict(embedding, geom, foreground=[click])
     best = first
     r, c = int(round(click[0])), int(round(click[1]))
-    for box in proposal_boxes(first.mask, scales):
-        pred = predictor.predict(embedding, geom, box=box, foreground=[click])
+    boxes = proposal_boxes(first.mask, scales)
+    if batched is None:
+        batched = predictor.device.type == "cuda"
+    if batched and boxes:
+        answers = predictor.predict_boxes(embedding, geom, boxes, foreground=[click])
+    else:
+        answers = (predictor.predict(embedding, geom, box=box, foreground=[click]) for box in boxes)
+    for pred in answers:
         # a box answer that leaves the click out segmented something else (the vertebra around
         # a spinal cord click): the click says where the object is
         if pred.iou > best.iou and pred.mask[r, c]:

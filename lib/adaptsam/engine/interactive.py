@@ -108,7 +108,8 @@ class InteractiveSegmenter:
         serving = self.runtime.serving(self.handle)
         window = vol.window(req.label)
         encoder = self.runtime.encoder
-        session = self.runtime.sessions.get(req.client_id, req.image_id, req.label or "", serving.key)
+        # the weights, not the engine: a user's session goes on when the converted encoder takes over
+        session = self.runtime.sessions.get(req.client_id, req.image_id, req.label or "", serving.version_key)
         with encoder.foreground(), session.lock:
             t = time.perf_counter()
             emb, cached = encoder.embedding(serving, vol, image_key, axis, k, window)
@@ -132,6 +133,11 @@ class InteractiveSegmenter:
 
             t = time.perf_counter()
             if req.mode == "volume" and self.propagate_enabled:
+                if roi is not None:  # a 3D box names the slices it needs: encode them first, in batches
+                    lo, hi = roi[axis]
+                    encoder.prefetch(serving, vol, image_key, axis, sorted(range(lo, hi + 1), key=lambda s: abs(s - k)), window)
+                    timings["encode"] += time.perf_counter() - t
+                    t = time.perf_counter()
                 embed = lambda s, step: encoder.embedding(serving, vol, image_key, axis, s, window, ahead=step)[0]
                 preds.update(propagate(serving, embed, geom, shape[axis], k, pred, roi, axis, lambda r: plane_box(r, axis),
                                        clicks, mask, self.propagation))

@@ -45,6 +45,27 @@ def published_versions(weights_dir: Path, kind: str, backbone: str) -> List[Tupl
     return sorted(found)
 
 
+GPU_BATCH_SLICES = 16
+
+
+def encode_batch(num_slices: int, device) -> int:
+    """Slices per encoder call: on a GPU several windows at once; on a CPU one window (2 cores
+    encode a batch of 5 slices no faster per slice than one at a time, on torch or OpenVINO,
+    and a request would wait for the whole batch)."""
+    if torch.device(device).type == "cuda":
+        return max(num_slices, (GPU_BATCH_SLICES // num_slices) * num_slices)
+    return num_slices
+
+
+def encoder_precision(engine: str, device: torch.device) -> str:
+    """What the encoder computes in: torch on a GPU under bf16 autocast (tensor cores; the
+    embedding cache keeps fp16 anyway), torch on a CPU in fp32 (its bf16 autocast was no faster
+    here), OpenVINO as its engine name says."""
+    if engine.startswith("openvino"):
+        return engine.partition("-")[2] or "f32"
+    return "bf16" if torch.device(device).type == "cuda" else "f32"
+
+
 @dataclass
 class ServingModel:
     model: PromptableSam
@@ -55,13 +76,30 @@ class ServingModel:
     meta: Dict[str, Any] = field(default_factory=dict)
     engine: str = "torch"  # what runs the image encoder (encoder_engines.py)
     encoder: Optional[Callable[[torch.Tensor], torch.Tensor]] = field(default=None, repr=False)
+    batch_slices: Optional[int] = None  # slices per encoder call; None: encode_batch()'s choice
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def precision(self) -> str:
+        return encoder_precision(self.engine, self.device)
+
+    @property
+    def encode_batch(self) -> int:
+        return self.batch_slices or encode_batch(self.num_slices, self.device)
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, S, S) in [0, 1] -> (B, 256, h, w) embeddings, on the serving engine."""
+        """(B, 3, S, S) in [0, 1] -> (B, 256, h, w) float32 embeddings, on the serving engine."""
         with torch.inference_mode():
             if self.encoder is not None:
                 return self.encoder(images)
-            return self.model.encode(images.to(next(self.model.parameters()).device))
+            images = images.to(self.device)
+            if self.precision == "bf16":  # torch on a GPU: the decoder stays fp32
+                with torch.autocast(self.device.type, dtype=torch.bfloat16):
+                    return self.model.encode(images).float()
+            return self.model.encode(images)
 
     @property
     def carries_logits(self) -> bool:
@@ -71,10 +109,14 @@ class ServingModel:
         return adapter_io.serving_mode(self.meta)["carry_logits"]
 
     @property
+    def version_key(self) -> str:
+        """Names the weights: what a session continues with (an engine change keeps it)."""
+        return f"{self.model.backbone}/base" if self.version == 0 else f"{self.model.backbone}/{self.kind}/v{self.version}"
+
+    @property
     def key(self) -> str:
         """Names the embeddings this model makes: version and engine (engines differ in rounding)."""
-        name = f"{self.model.backbone}/base" if self.version == 0 else f"{self.model.backbone}/{self.kind}/v{self.version}"
-        return name if self.engine == "torch" else f"{name}+{self.engine}"
+        return self.version_key if self.engine == "torch" else f"{self.version_key}+{self.engine}"
 
 
 class ModelHandle:
@@ -123,7 +165,8 @@ class ModelHandle:
         if cur is None:
             return None
         return {"version": cur.version, "model": cur.key, "source": cur.source, "pinned": self.pinned or "latest",
-                "engine": cur.engine, "wanted_engine": self.engine}
+                "engine": cur.engine,
+                "wanted_engine": self.converted.engine if self.engine != "torch" else "torch"}
 
     def _wanted(self) -> Optional[Path]:
         if self.pinned:
@@ -157,7 +200,7 @@ class ModelHandle:
         if self._engine_key[0] != id(serving):
             self._engine_key = (id(serving), self.converted.key(serving.model, serving.source, serving.num_slices))
         encoder = self.converted.get(self._engine_key[1], serving.model, serving.num_slices)
-        return serving if encoder is None else replace(serving, engine=self.engine, encoder=encoder)
+        return serving if encoder is None else replace(serving, engine=self.converted.engine, encoder=encoder)
 
     def _base_model(self) -> PromptableSam:
         if self._base is None:

@@ -11,6 +11,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
+from ..engine.encoder_engines import OpenVinoEncoders
 from ..engine.interactive import InteractiveSegmenter, Runtime
 from ..engine.models import ModelHandle, published_versions
 from ..engine.volume import Volume
@@ -38,6 +39,7 @@ class ModelSpec:
     weights_dir: str
     pinned: str = ""
     backbone: str = "litemedsam"
+    engine: str = "torch"  # or openvino / openvino-bf16: the encoder engine, as the server names it
 
 
 def base_spec(empty_dir: str, backbone: str = "litemedsam") -> ModelSpec:
@@ -60,6 +62,24 @@ def load_case(case: Case):
     return image, label
 
 
+def engine_handle(spec: ModelSpec, device: str, log: Callable[[str], None]) -> ModelHandle:
+    """A handle serving `spec` on its engine, the conversion done before the first request (an
+    evaluation measures one engine, not torch's answers while the converted one is prepared)."""
+    if spec.engine == "torch":
+        return ModelHandle(spec.kind, spec.backbone, spec.weights_dir, device, pinned=spec.pinned)
+    engine, _, precision = spec.engine.partition("-")
+    if engine != "openvino":
+        raise ValueError(f"unknown engine {spec.engine!r}: torch, openvino or openvino-bf16")
+    converted = OpenVinoEncoders(precision=precision or "f32")
+    handle = ModelHandle(spec.kind, spec.backbone, spec.weights_dir, device, pinned=spec.pinned, engine=engine, converted=converted)
+    serving = handle.current()
+    if converted.wait(serving.model, serving.source, serving.num_slices) is None:
+        raise RuntimeError(f"OpenVINO conversion failed: {converted.status()}")
+    time.sleep(ModelHandle.CHECK_INTERVAL_S)
+    log(f"{spec.engine} encoder ready for {serving.key}")
+    return handle
+
+
 def evaluate_models(models: Dict[str, ModelSpec], cases: Sequence[Case], protocol: Protocol = Protocol(),
                     device: str = "cpu", log: Optional[Callable[[str], None]] = None, cache_bytes: int = 2 << 30,
                     only: Optional[List[str]] = None) -> Dict:
@@ -71,7 +91,7 @@ def evaluate_models(models: Dict[str, ModelSpec], cases: Sequence[Case], protoco
         t0 = time.time()
         runtime = Runtime(cache_bytes)
         try:
-            handle = ModelHandle(spec.kind, spec.backbone, spec.weights_dir, device, pinned=spec.pinned)
+            handle = engine_handle(spec, device, log)
             segmenter = InteractiveSegmenter(runtime, handle)
             serving = runtime.serving(handle)
             log(f"{name}: {serving.key}")

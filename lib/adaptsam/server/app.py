@@ -23,7 +23,7 @@ from monailabel.tasks.activelearning.first import First
 from monailabel.tasks.activelearning.random import Random
 
 from ..engine.allocator import keep_freed_memory
-from ..engine.encoder_engines import OpenVinoEncoders
+from ..engine.encoder_engines import OpenVinoEncoders, default_precision
 from ..engine.encoder_engines import resolve as resolve_engine
 from ..engine.interactive import InteractiveSegmenter, Runtime
 from ..engine.models import CANDIDATES, ModelHandle
@@ -70,7 +70,7 @@ class AdaptSamAppBase:
         with self._runtime_lock:
             if self._runtime is None:
                 self._runtime = Runtime(self.config.cache_bytes, self.config.session_bytes)
-                self._converted = OpenVinoEncoders()
+                self._converted = OpenVinoEncoders(precision=default_precision())
             if kind not in self._segmenters:
                 pinned = self.config.adapter_2d if kind == "2d" else self.config.adapter_3d
                 device = self.config.resolved_device()

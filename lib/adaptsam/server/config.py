@@ -25,8 +25,8 @@ MONAI_LABEL_KEYS = ("preload", "auth_token", "zoo_source", "zoo_repo", "skip_tra
 HELP = {
     "backbone": f"base model: one of {sorted(BACKBONES)}",
     "device": "auto (cuda when present, else cpu) or a torch device",
-    "engine": "image encoder engine: torch, openvino (CPU; converted once per served model, torch answers "
-              "meanwhile) or auto (openvino on a CPU when installed)",
+    "engine": "image encoder engine: auto (openvino on a CPU, torch on a GPU), torch, or openvino (CPU; each "
+              "served model converted once in the background and kept on disk, torch answers meanwhile)",
     "weights_dir": "folder with base checkpoints and published adapters",
     "cache_gb": "embedding cache budget (GiB)",
     "session_gb": "memory for per-client sessions (GiB; least recently used go first)",
@@ -52,7 +52,7 @@ class AppConfig:
     weights_dir: str
     backbone: str = "litemedsam"
     device: str = "auto"
-    engine: str = "torch"
+    engine: str = "auto"
     cache_bytes: int = 2 << 30
     session_bytes: int = 1 << 30
     propagate: bool = True
