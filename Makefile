@@ -64,6 +64,7 @@ browser:
 
 benchmark: samples
 	ADAPTSAM_SAMPLES=$(abspath $(SAMPLES)) $(PY) benchmarks/interactive.py
+	ADAPTSAM_SAMPLES=$(abspath $(SAMPLES)) $(PY) benchmarks/engines.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache tests/e2e/node_modules tests/artifacts

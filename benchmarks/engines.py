@@ -42,6 +42,7 @@ sys.path.insert(0, str(REPO / "tests"))  # server_util: how tests start a real s
 sys.path.insert(0, str(REPO / "tools"))
 
 import samples  # noqa: E402
+from adaptsam.engine.allocator import keep_freed_memory  # noqa: E402
 from adaptsam.engine.encoder_engines import OpenVinoEncoders, cpu_has_bf16, default_precision, resolve  # noqa: E402
 from adaptsam.engine.metrics import bounding_box, dice, largest_slice  # noqa: E402
 from adaptsam.engine.models import ModelHandle  # noqa: E402
@@ -146,6 +147,7 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "engines.json")
     args = ap.parse_args(argv)
+    keep_freed_memory()  # before the model loads, as the server does (engine/allocator.py)
     samples_dir = samples.default_samples_dir()
     samples.fetch(samples_dir)
     vol = Volume.load(samples.image_path(samples_dir, IMAGE))
@@ -164,6 +166,7 @@ def main(argv=None) -> int:
     work = Path(tempfile.mkdtemp(prefix="adaptsam-engines-"))
     rows = {e: {"lone_click": [], "correction": [], "first_unseen": [], "cold_3d_box": [], "precompute_slices_per_s": []}
             for e in ("torch", fast)}
+    server_ms = {e: {"lone_click": [], "correction": [], "cold_3d_box": []} for e in rows}  # the server's own timings_ms
     agreement: Dict[str, List[float]] = {"lone_click": [], "correction": [], "cold_3d_box": []}
     with contextlib.ExitStack() as stack:
         servers = []
@@ -183,12 +186,15 @@ def main(argv=None) -> int:
                 ms, first, res = server.infer(IMAGE, {"label": ORGAN, "mode": "slice", "foreground": [click]}, f"lone-{i}")
                 assert res["embedding_cached"] and res["model"].endswith(server.engine if server.engine != "torch" else "v4"), res
                 r["lone_click"].append(ms)
-                ms, second, _ = server.infer(IMAGE, {"label": ORGAN, "mode": "slice", "foreground": [click, correction]}, f"lone-{i}")
+                server_ms[server.engine]["lone_click"].append(res["timings_ms"])
+                ms, second, res = server.infer(IMAGE, {"label": ORGAN, "mode": "slice", "foreground": [click, correction]}, f"lone-{i}")
                 r["correction"].append(ms)
+                server_ms[server.engine]["correction"].append(res["timings_ms"])
                 fresh = f"cold_{i}"
                 server.client.upload_image(str(samples.image_path(samples_dir, IMAGE)), image_id=fresh)
-                ms, box, _ = server.infer(fresh, {"label": ORGAN, "mode": "volume", "roi": roi3d}, f"box-{i}")
+                ms, box, res = server.infer(fresh, {"label": ORGAN, "mode": "volume", "roi": roi3d}, f"box-{i}")
                 r["cold_3d_box"].append(ms)
+                server_ms[server.engine]["cold_3d_box"].append(res["timings_ms"])
                 server.wait_idle()
                 fresh = f"unseen_{i}"
                 server.client.upload_image(str(samples.image_path(samples_dir, IMAGE)), image_id=fresh)
@@ -212,6 +218,7 @@ def main(argv=None) -> int:
     report = {"machine": {"cpus": os.cpu_count(), "bf16": cpu_has_bf16(), "torch_threads": torch.get_num_threads()},
               "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "in_process": local, "peak_rss_mb": peak,
               "rest": {e: {m: {"p50": p50(v), "p95": p95(v)} for m, v in r.items()} for e, r in rows.items()},
+              "server_timings_p50_ms": {e: {m: {k: p50([t[k] for t in v]) for k in v[0]} for m, v in r.items()} for e, r in server_ms.items()},
               "agreement_dice": {m: {"mean": round(float(np.mean(v)), 4), "min": round(float(np.min(v)), 4)} for m, v in agreement.items()}}
     rest = report["rest"]
     report["targets"] = {
@@ -229,6 +236,8 @@ def main(argv=None) -> int:
         print(f"| {m} p50 / p95 | {rest['torch'][m]['p50']} / {rest['torch'][m]['p95']} | {rest[fast][m]['p50']} / {rest[fast][m]['p95']} |")
     print(f"| server peak RSS, MB | {peak['torch']} | {peak[fast]} |")
     print(f"decoder pass {dec} ms (torch, in process); agreement (Dice {fast} vs torch): {report['agreement_dice']}")
+    for e, r in report["server_timings_p50_ms"].items():
+        print(f"server timings p50, {e}: " + "; ".join(f"{m} " + ", ".join(f"{k} {v}" for k, v in t.items()) for m, t in r.items()))
     print(f"targets: {json.dumps(report['targets'])}")
     return 0
 

@@ -190,7 +190,7 @@ def test_a_server_on_auto_serves_the_converted_encoder(samples_dir, tmp_path):
     studies = copy_studies(samples_dir, tmp_path / "studies", image_ids={IMAGE})
     engine = "openvino-bf16" if default_precision() == "bf16" else "openvino"
     with server_process(studies, {"engine": "auto"}, log=tmp_path / "server.log") as (url, _):
-        deadline = time.time() + 300
+        deadline = time.time() + 900  # a first conversion on 2 cores: up to a few minutes per model
         while time.time() < deadline:  # the app converts the served encoders at start
             conversions = requests.get(url + "/adaptsam/progress", timeout=30).json()["engine_conversions"]
             if len(conversions) == 2 and all(v == "ready" for v in conversions.values()):

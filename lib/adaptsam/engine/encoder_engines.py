@@ -64,9 +64,11 @@ def cpu_has_bf16() -> bool:
     return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
 
 
-# Whether `auto` and `openvino` compute in bf16 where the CPU has it; decided with the built-in
-# evaluation (docs/experiments.md, "encoder precision").
-SERVE_BF16 = True
+# Whether `auto` and `openvino` compute in bf16 where the CPU has it. Not served: with the
+# built-in evaluation it moved some prompt types' Dice by more than 0.005 from fp32
+# (docs/experiments.md, 2026-12-06, "encoder precision"); a CPU with AMX may measure it again
+# (python -m adaptsam.evaluate --models 3d+openvino,3d+openvino-bf16).
+SERVE_BF16 = False
 
 
 def default_precision() -> str:
@@ -168,7 +170,10 @@ class OpenVinoEncoders:
             ov.save_model(converted, str(tmp), compress_to_fp16=False)
             tmp.with_suffix(".bin").replace(xml.with_suffix(".bin"))  # the weights first: a complete .xml means both
             tmp.replace(xml)
-        # f32 is asked for explicitly: OpenVINO's CPU default is bf16 wherever the CPU has it
+        # compiled for the one batch the CPU path sends (a window; models.encode_batch): static
+        # shapes run a few percent faster than the saved dynamic ones. f32 is asked for
+        # explicitly: OpenVINO's CPU default is bf16 wherever the CPU has it.
+        converted.reshape([batch, 3, model.input_size, model.input_size])
         return core.compile_model(converted, "CPU", {"INFERENCE_PRECISION_HINT": self.precision})
 
 
@@ -176,9 +181,7 @@ def _compiled_encoder(compiled, batch: int, model) -> Encoder:
     request_lock = threading.Lock()  # one compiled model, callers in several threads
 
     def encode(images: torch.Tensor) -> torch.Tensor:
-        # the converted model takes any batch (its shapes are dynamic); a 3D adapter's batch
-        # must be whole windows, as in torch
-        if images.shape[0] % batch:
+        if images.shape[0] != batch:  # compiled for the served window only
             return model.encode(images)
         with request_lock:
             out = compiled(images.detach().cpu().numpy())[0]
