@@ -8,9 +8,9 @@ OpenVINO version, and a restart loads it instead of converting again. Conversion
 background thread and never blocks a click: torch answers until the converted encoder is
 ready, and a failed conversion leaves torch serving with the reason logged.
 
-Precision: fp32, or bf16 where the CPU computes in it. bf16 roughly halves the time on CPUs
-with AVX512-BF16 or AMX and moves mask edges by a pixel here and there; whether `auto` takes it
-was decided with the built-in evaluation (docs/experiments.md, "encoder precision").
+Precision: fp32 is served. bf16, faster on CPUs that compute it natively but moving mask edges,
+can be chosen in code and by the evaluation (`2d+openvino-bf16`); why it is not served:
+docs/experiments.md, 2026-12-06.
 
 An engine's embeddings are not bit-identical to another's, so a model served through OpenVINO
 has its own model key (`.../v4+openvino`, `.../v4+openvino-bf16`): its embeddings never mix with

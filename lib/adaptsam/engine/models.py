@@ -59,8 +59,8 @@ def encode_batch(num_slices: int, device) -> int:
 
 def encoder_precision(engine: str, device: torch.device) -> str:
     """What the encoder computes in: torch on a GPU under bf16 autocast (tensor cores; the
-    embedding cache keeps fp16 anyway), torch on a CPU in fp32 (its bf16 autocast was no faster
-    here), OpenVINO as its engine name says."""
+    embedding cache keeps fp16 anyway), torch on a CPU in fp32 (bf16 moved masks more than the
+    evaluation allows: encoder_engines.SERVE_BF16), OpenVINO as its engine name says."""
     if engine.startswith("openvino"):
         return engine.partition("-")[2] or "f32"
     return "bf16" if torch.device(device).type == "cuda" else "f32"
