@@ -10,10 +10,11 @@ competes; an answer without the click segmented something else, such as the vert
 spinal-cord click). Five more decoder passes, on the first click of a slice only. How this was
 chosen against other candidates: docs/experiments.md.
 
-On a GPU the five box passes are one batched decoder call. On a CPU they run one after the
-other: two cores spend the same time per prompt in a batch (the decoder's transformer over the
-64x64 image tokens is most of a pass, and it is repeated per prompt), and the batch's larger
-intermediate tensors make it slower than the passes in turn.
+The candidates are ranked by the IoU head before their masks are made: the output upscaling (a
+quarter of a pass) is paid only for the answers looked at, usually one or two. On a GPU the five
+box passes are one batched decoder call. On a CPU they run one after the other: two cores spend
+the same time per prompt in a batch (the decoder's transformer over the 64x64 image tokens is
+most of a pass, and it is repeated per prompt).
 """
 
 from __future__ import annotations
@@ -48,18 +49,18 @@ def answer_lone_click(predictor: SlicePredictor, embedding, geom: SliceGeometry,
     """The reply to one positive click (row, col) on a slice with no other prompt; `batched`:
     the box passes as one decoder call (default: on a GPU)."""
     first = predictor.predict(embedding, geom, foreground=[click])
-    best = first
     r, c = int(round(click[0])), int(round(click[1]))
-    boxes = proposal_boxes(first.mask, scales)
     if batched is None:
         batched = predictor.device.type == "cuda"
-    if batched and boxes:
-        answers = predictor.predict_boxes(embedding, geom, boxes, foreground=[click])
-    else:
-        answers = (predictor.predict(embedding, geom, box=box, foreground=[click]) for box in boxes)
-    for pred in answers:
+    ranked = predictor.rank_boxes(embedding, geom, proposal_boxes(first.mask, scales), foreground=[click], batched=batched)
+    # the best predicted IoU that holds the click, and beats the first answer; ties go to the
+    # smaller box. Only the answers looked at here pay for their masks.
+    for iou, answer in sorted(ranked, key=lambda pair: -pair[0]):
+        if iou <= first.iou:
+            break
+        pred = answer()
         # a box answer that leaves the click out segmented something else (the vertebra around
         # a spinal cord click): the click says where the object is
-        if pred.iou > best.iou and pred.mask[r, c]:
-            best = pred
-    return best
+        if pred.mask[r, c]:
+            return pred
+    return first

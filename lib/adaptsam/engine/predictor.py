@@ -8,7 +8,7 @@ boolean mask on the original slice grid.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -79,15 +79,29 @@ class SlicePredictor:
         return Prediction(mask=(plane_logits > 0).cpu().numpy(), low_res_logits=low_res.cpu(), iou=float(iou[0, best]))
 
     @torch.inference_mode()
-    def predict_boxes(self, embedding: torch.Tensor, geom: SliceGeometry, boxes: Sequence[Sequence[float]],
-                      foreground: Sequence[Sequence[int]] = ()) -> List[Prediction]:
-        """One decoder call for several boxes on one slice, each with the same positive clicks:
-        what `predict` answers for each box, batched (SAM's decoder repeats the embedding per prompt)."""
-        n = len(boxes)
-        coords = torch.from_numpy(geom.points_to_model(np.asarray(foreground, float).reshape(-1, 2)))[None]
-        points = (coords.repeat(n, 1, 1).to(self.device), torch.ones(n, coords.shape[1], device=self.device))
-        model_boxes = torch.from_numpy(np.stack([geom.box_to_model(*b) for b in boxes])).to(self.device)
-        logits, iou = self.model.decode(embedding.to(self.device, torch.float32), points=points if len(foreground) else None,
-                                        boxes=model_boxes)
-        return [Prediction(mask=(geom.logits_to_plane(logits[i, 0]) > 0).cpu().numpy(), low_res_logits=logits[i : i + 1, :1].cpu(),
-                           iou=float(iou[i, 0])) for i in range(n)]
+    def rank_boxes(self, embedding: torch.Tensor, geom: SliceGeometry, boxes: Sequence[Sequence[float]],
+                   foreground: Sequence[Sequence[int]] = (), batched: bool = False) -> List[Tuple[float, Callable[[], Prediction]]]:
+        """For each box (with the same positive clicks): the decoder's IoU estimate of its answer,
+        and a function giving that answer, what `predict` gives for it. The output upscaling of an
+        answer is paid only when asked for. `batched`: all boxes in one decoder call."""
+        coords = torch.from_numpy(geom.points_to_model(np.asarray(foreground, float).reshape(-1, 2)))[None].to(self.device)
+        emb = embedding.to(self.device, torch.float32)
+
+        def call(group):
+            n = len(group)
+            points = (coords.repeat(n, 1, 1), torch.ones(n, coords.shape[1], device=self.device)) if len(foreground) else None
+            model_boxes = torch.from_numpy(np.stack([geom.box_to_model(*b) for b in group])).to(self.device)
+            return self.model.decode_ranked(emb, points=points, boxes=model_boxes)
+
+        def answer(logits_of, i, iou):
+            @torch.inference_mode()
+            def get() -> Prediction:
+                low_res = logits_of(i)
+                return Prediction(mask=(geom.logits_to_plane(low_res[0, 0]) > 0).cpu().numpy(), low_res_logits=low_res.cpu(), iou=iou)
+            return get
+
+        ranked = []
+        for group in ([list(boxes)] if batched else [[b] for b in boxes]):
+            ious, logits_of = call(group)
+            ranked += [(float(ious[i]), answer(logits_of, i, float(ious[i]))) for i in range(len(group))]
+        return ranked

@@ -8,7 +8,7 @@ backbone and checkpoint the weights came from (adapter files are tied to both).
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 
@@ -60,3 +60,15 @@ class PromptableSam(Sam):
             dense_prompt_embeddings=dense,
             multimask_output=multimask,
         )
+
+    def decode_ranked(
+        self, embeddings: torch.Tensor, points: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+        boxes: Optional[torch.Tensor] = None,
+    ) -> Tuple[torch.Tensor, Callable[[int], torch.Tensor]]:
+        """`decode` (single mask, no mask prompt) split for ranking: the predicted IoU (B,) of every
+        prompt's answer now, and a function giving prompt i's low-res logits (1, 1, 4h, 4w) when
+        asked: answers never looked at skip the output upscaling. Same operations as `decode`."""
+        sparse, dense = self.prompt_encoder(points=points, boxes=boxes, masks=None)
+        decoder = self.mask_decoder
+        state = decoder.attend(embeddings, self.prompt_encoder.get_dense_pe(), sparse, dense)
+        return decoder.iou_of(state)[:, 0], lambda i: decoder.masks_of(state, slice(i, i + 1))[:, :1]
