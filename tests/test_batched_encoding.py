@@ -85,3 +85,24 @@ def test_a_3d_box_on_a_cold_volume_encodes_its_slices_before_decoding(samples_di
     assert calls == [1, 4]  # the prompted slice, then the box's other four in one batch
     assert sorted(result.slice_iou) == list(range(k - 2, k + 3))
     assert result.timings["encode"] > 0 and all(result.label[:, :, s].any() for s in range(k - 2, k + 3))
+
+
+def test_a_slice_another_request_encoded_meanwhile_comes_from_the_cache(samples_dir):
+    serving = ModelHandle("2d", "litemedsam", WEIGHTS, "cpu").current()
+    vol = Volume.load(samples.image_path(samples_dir, IMAGE))
+    window = vol.window("liver")
+    encoder = SliceEncoder(EmbeddingCache(1 << 30))
+    other = SliceEncoder(encoder.cache)  # a second request on the same cache
+    own = encoder.prefetch
+
+    def raced(*args, **kwargs):  # the other request encodes the slice between lookup and prefetch
+        other.prefetch(*args, **kwargs)
+        return own(*args, **kwargs)  # finds it cached: encodes nothing
+
+    encoder.prefetch = raced
+    try:
+        emb, cached = encoder.embedding(serving, vol, IMAGE, 2, 7, window)
+        assert torch.equal(emb[0], encoder.cache.get(encoder.key(IMAGE, 2, 7, serving, window)))
+    finally:
+        encoder.stop()
+        other.stop()

@@ -113,7 +113,12 @@ class SliceEncoder:
         wanted = [index]
         if ahead:
             wanted += [s for s in range(index + ahead, index + ahead * serving.encode_batch, ahead) if 0 <= s < depth]
-        return self.prefetch(serving, volume, image, axis, wanted, window, calls=1)[index][None], False
+        emb = self.prefetch(serving, volume, image, axis, wanted, window, calls=1).get(index)
+        if emb is None:  # another request encoded it since the lookup above: take theirs, or encode it
+            emb = self.cache.get(key)
+            if emb is None:
+                emb = self._encode(serving, volume, image, axis, window_group(index, serving.num_slices, depth)[0], window)[index]
+        return emb[None], False
 
     def prefetch(self, serving: ServingModel, volume: Volume, image: str, axis: int, indices, window,
                  calls: Optional[int] = None) -> Dict[int, torch.Tensor]:
