@@ -74,9 +74,12 @@ class SlicePredictor:
             embedding.to(self.device, torch.float32), points=points, boxes=boxes, mask_input=mask_input, multimask=multimask
         )
         best = int(torch.argmax(iou[0])) if multimask else 0
-        low_res = logits[:, best : best + 1]
-        plane_logits = geom.logits_to_plane(low_res[0, 0])
-        return Prediction(mask=(plane_logits > 0).cpu().numpy(), low_res_logits=low_res.cpu(), iou=float(iou[0, best]))
+        return self._prediction(logits[:, best : best + 1], float(iou[0, best]), geom)
+
+    @staticmethod
+    def _prediction(low_res: torch.Tensor, iou: float, geom: SliceGeometry) -> Prediction:
+        """(1, 1, L, L) logits -> the mask on the slice grid."""
+        return Prediction(mask=(geom.logits_to_plane(low_res[0, 0]) > 0).cpu().numpy(), low_res_logits=low_res.cpu(), iou=iou)
 
     @torch.inference_mode()
     def rank_boxes(self, embedding: torch.Tensor, geom: SliceGeometry, boxes: Sequence[Sequence[float]],
@@ -96,8 +99,7 @@ class SlicePredictor:
         def answer(logits_of, i, iou):
             @torch.inference_mode()
             def get() -> Prediction:
-                low_res = logits_of(i)
-                return Prediction(mask=(geom.logits_to_plane(low_res[0, 0]) > 0).cpu().numpy(), low_res_logits=low_res.cpu(), iou=iou)
+                return self._prediction(logits_of(i), iou, geom)
             return get
 
         ranked = []
