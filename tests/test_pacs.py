@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -23,7 +25,9 @@ from monailabel.client import MONAILabelClient
 import pacs
 import samples
 from adaptsam.engine.metrics import bounding_box, largest_slice
+from adaptsam.engine.volume import Volume
 from adaptsam.model import adapter_io
+from adaptsam.server.datalist import open_datastore
 from server_util import free_port, running_server
 
 FAST_TRAIN = {"train_max_epochs": "1", "train_steps_per_epoch": "2", "train_train_batch_size": "2", "train_val_split": "0",
@@ -192,6 +196,43 @@ def test_training_learns_from_the_segs_in_the_pacs(server, samples_dir, tmp_path
     _, result = client(url).infer("adaptsam", series["ct_dicom"]["series"], {"roi": [r0, r1, c0, c1, k, k], "mode": "slice"})
     result = json.loads(result) if isinstance(result, str) else result
     assert result["adapter_version"] == before + 1  # served without a restart
+
+
+def _evaluate(studies: str, out: Path, *extra: str) -> dict:
+    cmd = [sys.executable, "-m", "adaptsam.evaluate", "--studies", studies, "--models", "base", "--out", str(out), *extra]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return json.loads((out / "evaluation.json").read_text())
+
+
+def test_the_evaluation_reads_a_pacs_as_it_reads_a_folder(server, samples_dir, tmp_path):
+    """`python -m adaptsam.evaluate --studies <DICOMweb URL>` from a fresh cache (another
+    workstation): the SEG is the final label, its segment label names the structure, and every
+    number equals the evaluation of the same image and label in a studies folder."""
+    url, dicomweb, series, _ = server
+    ct = series["ct_dicom"]["series"]
+    if not _seg_series(dicomweb, ct):
+        _save_liver(url, ct, liver(samples_dir), tmp_path)
+    cache = tmp_path / "cache"
+    from_pacs = _evaluate(dicomweb, tmp_path / "pacs", "--cache", str(cache), "--images", ct)
+    assert from_pacs["cases"] == [ct]
+    rows = from_pacs["models"]["base"]["structures"]
+    assert [r["structure"] for r in rows] == ["liver"], rows  # the SEG's segment label
+    # the SEG (which stores only the frames it touches) was read onto the CT's voxel grid
+    image = next(p for p in cache.rglob(f"{ct}.nii.gz") if "labels" not in p.parts)
+    label = next(p for p in cache.rglob(f"{ct}.*") if "labels" in p.parts)
+    decoded = Volume.load(str(label), modality="MR").array
+    assert np.array_equal(decoded, _seg_on_grid(_seg_series(dicomweb, ct), image))
+    assert rows[0]["voxels"] == int(decoded.sum()) > 1000
+
+    folder = tmp_path / "studies"
+    folder.mkdir()
+    shutil.copy2(image, folder / image.name)
+    store = open_datastore(str(folder))
+    store.save_label(ct, str(label), "final", {"label_info": [{"name": "liver", "idx": 1}]})
+    from_folder = _evaluate(str(folder), tmp_path / "folder")
+    assert from_folder["cases"] == [ct]
+    assert from_folder["models"]["base"]["structures"] == rows
 
 
 def test_a_pacs_that_does_not_answer_gives_clear_errors_and_the_server_keeps_serving(tmp_path):

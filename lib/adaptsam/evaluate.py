@@ -1,8 +1,10 @@
 """Evaluate model versions with the interactive protocol on a datastore's final labels.
 
-    python -m adaptsam.evaluate --studies DIR [--models base,2d,3d] [--out DIR]
+    python -m adaptsam.evaluate --studies DIR|URL [--models base,2d,3d] [--out DIR]
 
-Every structure of every image with a `final` label is segmented through the server's own code
+--studies is what the server is started with: a studies folder, or a DICOMweb URL (the PACS's
+SEG series are the final labels, named by their segment labels). Every structure of every image
+with a `final` label is segmented through the server's own code
 path: a 3D box then up to 5 correction clicks, and 1..10 clicks without a box, each correction
 at the centre of the largest 3D error (evaluation/protocol.py). Models: `base` (no adapter),
 `2d` / `3d` (the newest published of that kind in --weights), `2d:N` (version N), or
@@ -53,7 +55,8 @@ def _model(item: str, weights: str, backbone: str) -> Tuple[str, ModelSpec]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m adaptsam.evaluate", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--studies", required=True, help="a studies folder (a DICOMweb URL is refused for now)")
+    ap.add_argument("--studies", required=True, help="a studies folder or a DICOMweb URL (http://host/dicom-web)")
+    ap.add_argument("--cache", default=None, help="where a DICOMweb datastore's series are downloaded (default: MONAI Label's)")
     ap.add_argument("--weights", default="model_weights", help="published adapters (default: ./model_weights)")
     ap.add_argument("--models", default="base,2d,3d")
     ap.add_argument("--images", default="", help="comma-separated image ids (default: every image with a final label)")
@@ -63,7 +66,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="evaluation")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    cases = labelled_cases(open_datastore(args.studies), [s for s in args.images.split(",") if s] or None)
+    cases = labelled_cases(open_datastore(args.studies, args.cache), [s for s in args.images.split(",") if s] or None)
     if not cases:
         raise SystemExit(f"no image with a final label in {args.studies}")
     models = parse_models(args.models, args.weights, args.backbone)

@@ -25,7 +25,15 @@ def structure_names(info: Dict) -> Dict[int, str]:
 
 
 def image_id_of(path: str) -> str:
-    return Path(path).name.split(".")[0]
+    """The datastore's id of an image file: its name without the datastore extension (a DICOM
+    series' id is its UID, dots and all)."""
+    from monailabel.config import settings
+
+    name = Path(path).name
+    for ext in sorted((e.lstrip("*") for e in settings.MONAI_LABEL_DATASTORE_FILE_EXT), key=len, reverse=True):
+        if ext and name.endswith(ext):
+            return name[: -len(ext)]
+    return Path(name).stem
 
 
 def labelled_cases(datastore: Datastore, image_ids: Optional[List[str]] = None) -> List[Case]:
@@ -39,11 +47,13 @@ def labelled_cases(datastore: Datastore, image_ids: Optional[List[str]] = None) 
     return sorted(cases, key=lambda c: c.image_id)
 
 
-def open_datastore(studies: str) -> Datastore:
-    """The datastore `monailabel start_server --studies <studies>` would serve."""
+def open_datastore(studies: str, cache: Optional[str] = None) -> Datastore:
+    """The datastore `monailabel start_server --studies <studies>` would serve: a folder, or a
+    DICOMweb PACS (series and SEGs downloaded into `cache`, MONAI Label's default when None)."""
     if studies.startswith(("http://", "https://")):
-        # open issue 20 (PACS workflow) builds the DICOMweb datastore this needs
-        raise ValueError(f"{studies}: evaluating a DICOMweb datastore is not supported yet; give a studies folder")
+        from .dicomweb import SiteDICOMwebDatastore
+
+        return SiteDICOMwebDatastore(studies.rstrip("/"), cache_path=cache)
     from monailabel.config import settings
     from monailabel.datastore.local import LocalDatastore
 

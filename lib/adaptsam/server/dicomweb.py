@@ -10,6 +10,10 @@ What changes against the stock `DICOMWebDatastore`:
   and the series, not a hung request or a 500.
 - A saved `final` label becomes a DICOM-SEG with provenance: one segment per structure with its
   name, algorithm type SEMIAUTOMATIC, algorithm name = the model that produced it.
+- A SEG read from the PACS is put on its image's voxel grid (a SEG stores only the frames its
+  segments touch, so the stock decoding gives a label of another shape, which training and the
+  evaluation cannot pair with the image) and keeps its structure names (the stock datastore
+  keeps only UIDs), so the publish gate and `python -m adaptsam.evaluate` name what they measure.
 """
 
 from __future__ import annotations
@@ -21,9 +25,11 @@ import threading
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
+import pydicom
 import requests
 from monailabel.config import settings
 from monailabel.datastore.dicom import DICOMwebClientX, DICOMWebDatastore
+from monailabel.datastore.local import LocalDatastore
 from monailabel.interfaces.datastore import DefaultLabelTag
 
 from ..engine.errors import RequestError
@@ -148,6 +154,27 @@ class SiteDICOMwebDatastore(DICOMWebDatastore):
 
     # ---- labels as DICOM-SEG --------------------------------------------------------------------
 
+    def get_label_uri(self, label_id: str, label_tag: str, image_id: str = "") -> str:
+        if label_tag != DefaultLabelTag.FINAL or not image_id:
+            return DICOMWebDatastore.get_label_uri(self, label_id, label_tag, image_id)
+        stored = LocalDatastore.get_label_uri(self, image_id, label_tag)
+        if stored and LocalDatastore.get_label_info(self, image_id, label_tag).get("SeriesInstanceUID") == label_id:
+            return stored  # this SEG, already decoded (the stock datastore decodes it again unless saved as .nii.gz)
+        path = DICOMWebDatastore.get_label_uri(self, label_id, label_tag, image_id)
+        stored = LocalDatastore.get_label_uri(self, image_id, label_tag)
+        if not stored:
+            return path
+        put_on_grid(stored, self.get_image_uri(image_id))
+        return stored
+
+    def _dicom_info(self, series_id: str) -> Dict[str, Any]:
+        # MONAI Label's hook for the info of a SEG it has just downloaded into the label cache
+        info = super()._dicom_info(series_id)
+        names = seg_structure_names(os.path.join(self._datastore.label_path(DefaultLabelTag.FINAL), series_id))
+        if names:
+            info["label_info"] = [{"name": name, "idx": value} for value, name in sorted(names.items())]
+        return info
+
     def dicom_seg(self, image_id: str, label_filename: str, label_info: Dict[str, Any], model: str) -> str:
         """A DICOM-SEG file of an answer (`/infer?output=dicom_seg`), referencing its series."""
         from monailabel.datastore.utils.convert import nifti_to_dicom_seg
@@ -165,6 +192,42 @@ class SiteDICOMwebDatastore(DICOMWebDatastore):
             info["label_info"] = segment_attributes(label_filename, info, self.provenance(image_id, info) if self.provenance else {})
         return self._pacs(f"storing the SEG of series {image_id}",
                           lambda: DICOMWebDatastore.save_label(self, image_id, label_filename, label_tag, info, label_id))
+
+
+def put_on_grid(label_path: str, image_path: str) -> None:
+    """Resample a decoded SEG (nearest neighbour, by patient coordinates) onto its image's grid,
+    in place; nothing to do when it is already there."""
+    import SimpleITK as sitk
+
+    def info(path):
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(path)
+        reader.ReadImageInformation()
+        return reader.GetSize(), reader.GetOrigin(), reader.GetSpacing(), reader.GetDirection()
+
+    label_info, image_info = info(label_path), info(image_path)
+    if label_info[0] == image_info[0] and all(
+            max(abs(a - b) for a, b in zip(x, y)) < 1e-4 for x, y in zip(label_info[1:], image_info[1:])):
+        return
+    label = sitk.ReadImage(label_path)
+    on_grid = sitk.Resample(label, sitk.ReadImage(image_path), sitk.Transform(), sitk.sitkNearestNeighbor, 0,
+                            label.GetPixelID())
+    partial = os.path.join(os.path.dirname(label_path), ".partial-" + os.path.basename(label_path))  # same format
+    sitk.WriteImage(on_grid, partial, True)
+    os.replace(partial, label_path)
+
+
+def seg_structure_names(seg_dir: str) -> Dict[int, str]:
+    """Label value -> segment label of the DICOM-SEG in `seg_dir` (values are segment numbers, as
+    MONAI Label's reader decodes a SEG)."""
+    files = sorted(os.listdir(seg_dir)) if os.path.isdir(seg_dir) else []
+    for name in files:
+        try:
+            ds = pydicom.dcmread(os.path.join(seg_dir, name), stop_before_pixels=True)
+        except Exception:  # not a DICOM file: keep looking
+            continue
+        return {int(s.SegmentNumber): str(s.SegmentLabel) for s in ds.get("SegmentSequence", []) if s.get("SegmentLabel")}
+    return {}
 
 
 def check_dcmqi() -> None:
