@@ -111,7 +111,7 @@ def main(argv=None) -> int:
 
     curve: List[Dict] = []
     t_start = time.time()
-    with running_server(studies, conf={"weights_dir": str(weights)}, log=work / "server.log", timeout=600) as url:
+    with running_server(studies, conf={"weights_dir": str(weights), "engine": "auto"}, log=work / "server.log", timeout=600) as url:
         client = MONAILabelClient(url, tmpdir=tempfile.mkdtemp(prefix="site-client-"), client_id="radiologist")
         evaluate_new_versions()
         served = published_versions(weights, "2d", "litemedsam")[-1][0]
