@@ -143,6 +143,22 @@ def test_auto_trigger_fires_after_n_saves_and_never_twice_at_once(samples_dir, t
         assert len(requests.get(f"{url}/train/", params={"all": "true"}, timeout=30).json()) == 2
 
 
+def test_auto_train_waits_until_the_gate_has_a_label_to_measure_on(samples_dir, tmp_path, weights):
+    """With the publish gate on, a run after the first saved label could publish nothing (no
+    label it did not train on): the save says so, nothing runs, and the second save starts it."""
+    studies = copy_studies(samples_dir, tmp_path / "studies", image_ids={"mr_3mm", "ct_3mm"})
+    conf = {"weights_dir": str(weights), "auto_train_every": "1", **FAST_TRAIN, "train_publish": "gate", "train_val_split": "0.5"}
+    with running_server(studies, conf=conf, log=tmp_path / "server.log") as url:
+        first = save_reference_as_final(url, samples_dir, "mr_3mm")
+        assert first.get("auto_train", "").startswith("waiting: the publish gate needs 2 saved labels"), first
+        assert "1 so far" in first["auto_train"]
+        assert requests.get(f"{url}/train/", timeout=30).status_code == 404  # nothing ran
+        second = save_reference_as_final(url, samples_dir, "ct_3mm")
+        assert second.get("auto_train", "").startswith("started"), second
+        requests.delete(f"{url}/train/", timeout=30)  # the run itself is not what this test is about
+        assert wait_for_training(url)["status"] in ("STOPPED", "DONE")
+
+
 def _partial_label(samples_dir, image_id, names, path):
     """The silver label of `image_id` with only `names` kept (values 1..n), as a saved label."""
     import nibabel as nib

@@ -159,7 +159,10 @@ class AdaptSamAppBase:
                 state = {"saves_since_last_run": 0, "runs": 0}
             state["saves_since_last_run"] += 1
             outcome = None
-            if state["saves_since_last_run"] >= every:
+            waiting = self._gate_cannot_measure_yet()
+            if state["saves_since_last_run"] >= every and waiting:
+                outcome = waiting  # the count is kept: the next save starts the run
+            elif state["saves_since_last_run"] >= every:
                 started = [m for m in self.config.auto_train_models if self.async_training(m, params=None, enqueue=False)]
                 if started:
                     state.update(saves_since_last_run=0, runs=state["runs"] + 1, ts=time.time(), models=started)
@@ -170,6 +173,18 @@ class AdaptSamAppBase:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(state))
             return outcome
+
+    def _gate_cannot_measure_yet(self) -> Optional[str]:
+        """Why an automatic run now could publish nothing: the publish gate measures a candidate
+        on saved labels it did not train on, so it needs two; a run before that would spend its
+        15 minutes of the workstation's cores on a result that is thrown away."""
+        options = TrainOptions.from_request(dict(self.config.train_defaults), "2d")
+        if options.publish != "gate" or options.val_split <= 0:
+            return None
+        saved = len(self.datastore().get_labeled_images())
+        if saved >= gate.MIN_LABELS:
+            return None
+        return f"waiting: the publish gate needs {gate.MIN_LABELS} saved labels (one held out to measure the result), {saved} so far"
 
     # ---- what the routes use ------------------------------------------------------------------
 

@@ -27,7 +27,7 @@ from ..engine.request import parse_bool
 from ..training.distributed import train_distributed
 from ..training.loop import AdapterTrainer
 from ..training.options import TrainOptions
-from .datalist import structure_names
+from .datalist import image_id_of, structure_names
 
 logger = logging.getLogger(__name__)
 
@@ -64,9 +64,9 @@ def stats_file(weights_dir: Path, kind: str) -> Path:
 def datalist_with_prompts(datastore: Datastore):
     items = []
     for d in datastore.datalist():
-        image_id = Path(d["image"]).name.split(".")[0]
+        image_id = image_id_of(d["image"])  # a DICOM series' UID has dots
         info = datastore.get_label_info(image_id, DefaultLabelTag.FINAL.value) or {}
-        items.append({**d, "prompts": info.get(PROMPTS_KEY, []), "names": structure_names(info)})
+        items.append({**d, "image_id": image_id, "prompts": info.get(PROMPTS_KEY, []), "names": structure_names(info)})
     return items
 
 

@@ -26,6 +26,7 @@ from ..evaluation.runner import Case, ModelSpec, base_spec, evaluate_models
 from ..model import adapter_io
 
 BOX_MARGIN = 0.01  # a candidate may answer boxes at most this much worse than the base model
+MIN_LABELS = 2  # saved labels before a candidate can be measured on one it did not train on
 # the score needs the box session and clicks 1..5; longer click sessions only count clicks-to-Dice
 GATE_PROTOCOL = Protocol(max_clicks=5)
 
@@ -57,7 +58,9 @@ def judge(candidate: Dict, served: Optional[Dict], base: Dict, margin: float = B
 
 
 def cases_from(items: Sequence[Dict]) -> List[Case]:
-    return [Case(Path(d["image"]).name.split(".")[0], d["image"], d["label"], dict(d.get("names") or {})) for d in items]
+    # the id keys the evaluation's embedding cache: the datastore's own (a series UID has dots)
+    return [Case(d.get("image_id") or Path(d["image"]).name.split(".")[0], d["image"], d["label"], dict(d.get("names") or {}))
+            for d in items]
 
 
 class Gate:
@@ -90,7 +93,7 @@ class Gate:
     def decide(self, candidate: Path) -> GateDecision:
         if not self.cases:
             return GateDecision(False, "no validation image: with a single saved label there is nothing the candidate "
-                                       "did not train on to measure it with (at least 2 final labels are needed)")
+                                       f"did not train on to measure it with (at least {MIN_LABELS} final labels are needed)")
         t0 = time.time()
         spec = {"candidate": ModelSpec(self.kind, str(candidate.parent), str(candidate), self.backbone)}
         report = evaluate_models(spec, self.cases, self.protocol, self.device, log=self.log)
