@@ -10,8 +10,9 @@ the publish gate). The volumes to annotate are annotated in order through REST a
 would (MONAILabelClient, the Slicer client): the box protocol on each structure, then the silver
 label is saved as the final label, which starts a retrain; the next volume waits for it. After
 each save, every version the server has published is evaluated on the site's held-out volumes
-(the unseen part) with the built-in protocol, the base model as the floor. Writes
-site_learning.json, a Markdown table and learning_curve.png into --out.
+(the unseen part) with the built-in protocol, the base model as the floor; at the end, so is
+every run's result the gate kept back (was the gate, which sees only saved labels, right?).
+Writes site_learning.json, a Markdown table and learning_curve.png into --out.
 """
 
 from __future__ import annotations
@@ -130,16 +131,37 @@ def main(argv=None) -> int:
             versions = published_versions(weights, "2d", "litemedsam")
             served = versions[-1][0]
             point = {"saved": n, "image": image_id, "annotated_with": summarise(rows, protocol), "save": saved,
-                     "gate": stats.get("gate"), "train_seconds": stats.get("total_time"), "served": f"v{served}",
+                     "gate": stats.get("gate"), "candidate": stats.get("candidate"), "train_seconds": stats.get("total_time"), "served": f"v{served}",
                      "test": evaluated[f"v{served}"], "seconds": round(time.time() - t0, 1)}
             curve.append(point)
             print(json.dumps({k: point[k] for k in ("saved", "served", "train_seconds")}), point["gate"] and point["gate"].get("reason"))
-    result = {"site": args.site, "meta": meta, "curve": curve, "versions": evaluated, "seconds": round(time.time() - t_start, 1)}
+    candidates = evaluate_candidates(weights, test, protocol)
+    result = {"site": args.site, "meta": meta, "curve": curve, "versions": evaluated, "candidates": candidates,
+              "seconds": round(time.time() - t_start, 1)}
     out.mkdir(parents=True, exist_ok=True)
     (out / "site_learning.json").write_text(json.dumps(result, indent=1))
     write_table_and_plot(result, out)
     shutil.copy2(work / "server.log", out / "server.log")
     return 0
+
+
+def evaluate_candidates(weights: Path, test: List[Case], protocol: Protocol) -> Dict[str, Dict]:
+    """Every run's result the gate kept back, measured on the unseen volumes after the fact: was
+    the gate, which sees only the saved labels, right to keep it back?"""
+    found = sorted((weights / "candidates").glob("*_c*.pt"), key=lambda p: int(p.stem.rsplit("_c", 1)[1]))
+    specs = {f"c{p.stem.rsplit('_c', 1)[1]}": ModelSpec("2d", str(p.parent), str(p)) for p in found}
+    if not specs:
+        return {}
+    report = evaluate_models(specs, test, protocol, log=print)
+    return {name: entry["summary"] for name, entry in report["models"].items()}
+
+
+def kept_back(result: Dict):
+    """(candidate name, curve point) of each run whose result the gate did not publish."""
+    for n, p in enumerate(result["curve"]):
+        name = (p.get("candidate") or f"_c{n}").rsplit("_", 1)[1]  # runs named by save before this was recorded
+        if p["saved"] and p.get("gate") and not p["gate"].get("publish") and name in result.get("candidates", {}):
+            yield name, p
 
 
 def write_table_and_plot(result: Dict, out: Path) -> None:
@@ -157,11 +179,18 @@ def write_table_and_plot(result: Dict, out: Path) -> None:
                     f"{t['clicks_to_85']} ({t['clicks_to_85_reached']}) | {gate} |")
     rows.append(f"| base model | - | {base['box']:.3f} | {base['click1']:.3f} | {base['click3']:.3f} | "
                 f"{base['clicks_to_85']} ({base['clicks_to_85_reached']}) | |")
+    for name, p in kept_back(result):
+        t = result["candidates"][name]
+        rows.append(f"| {p['saved']} | {name} (kept back) | {t['box']:.3f} | {t['click1']:.3f} | {t['click3']:.3f} | "
+                    f"{t['clicks_to_85']} ({t['clicks_to_85_reached']}) | not served |")
     (out / "site_learning.md").write_text("\n".join(rows) + "\n")
     x = [p["saved"] for p in result["curve"]]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     for ax, key, title in zip(axes, ("click1", "clicks_to_85", "box"), ("1-click Dice", "clicks to Dice 0.85", "box Dice")):
         ax.plot(x, [p["test"][key] for p in result["curve"]], marker="o", label="served version")
+        kept = [(p["saved"], result["candidates"][name][key]) for name, p in kept_back(result)]
+        if kept:
+            ax.plot(*zip(*kept), marker="x", linestyle=":", label="run's result (kept back)")
         ax.axhline(base[key], color="grey", linestyle="--", label="base model")
         ax.set(title=f"{title} ({result['site']}, unseen volumes)", xlabel="saved labels")
         ax.grid(alpha=0.3)
