@@ -159,10 +159,11 @@ class AdaptSamAppBase:
                 state = {"saves_since_last_run": 0, "runs": 0}
             state["saves_since_last_run"] += 1
             outcome = None
-            waiting = self._gate_cannot_measure_yet()
-            if state["saves_since_last_run"] >= every and waiting:
+            due = state["saves_since_last_run"] >= every
+            waiting = self._gate_cannot_measure_yet() if due else None
+            if waiting:
                 outcome = waiting  # the count is kept: the next save starts the run
-            elif state["saves_since_last_run"] >= every:
+            elif due:
                 started = [m for m in self.config.auto_train_models if self.async_training(m, params=None, enqueue=False)]
                 if started:
                     state.update(saves_since_last_run=0, runs=state["runs"] + 1, ts=time.time(), models=started)
