@@ -158,9 +158,9 @@ def evaluate_candidates(weights: Path, test: List[Case], protocol: Protocol) -> 
 
 def kept_back(result: Dict):
     """(candidate name, curve point) of each run whose result the gate did not publish."""
-    for n, p in enumerate(result["curve"]):
-        name = (p.get("candidate") or f"_c{n}").rsplit("_", 1)[1]  # runs named by save before this was recorded
-        if p["saved"] and p.get("gate") and not p["gate"].get("publish") and name in result.get("candidates", {}):
+    for p in result["curve"]:
+        name = (p.get("candidate") or "").rsplit("_", 1)[-1]
+        if p.get("gate") and not p["gate"].get("publish") and name in result.get("candidates", {}):
             yield name, p
 
 
