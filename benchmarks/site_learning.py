@@ -102,7 +102,7 @@ def main(argv=None) -> int:
     evaluated: Dict[str, Dict] = {}  # version name -> summary on the test volumes
 
     def evaluate_new_versions():
-        specs = {} if "base" in evaluated else {"base": base_spec(str(work / "empty"))}
+        specs = {} if "base" in evaluated else {"base": base_spec()}
         for v, _ in published_versions(weights, "2d", "litemedsam"):
             if f"v{v}" not in evaluated:
                 specs[f"v{v}"] = ModelSpec("2d", str(weights), str(v))

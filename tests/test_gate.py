@@ -103,8 +103,7 @@ def test_without_a_validation_image_nothing_is_published(tmp_path):
 
 def test_evaluation_report_has_the_protocol_metrics_and_plots(case, tmp_path):
     cases = [Case("mr_3mm", case["image"], case["label"], case["names"])]
-    models = {"base": base_spec(str(tmp_path / "empty")), "2d": ModelSpec("2d", str(WEIGHTS))}
-    (tmp_path / "empty").mkdir()
+    models = {"base": base_spec(), "2d": ModelSpec("2d", str(WEIGHTS))}
     report = evaluate_models(models, cases, QUICK, log=print, only=["liver", "spleen"])
     rows = report["models"]["2d"]["structures"]
     assert [r["structure"] for r in rows] == ["liver", "spleen"]

@@ -4,10 +4,13 @@ adapter version served without a restart; a killed run changes nothing; the auto
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 import time
 
+import nibabel as nib
+import numpy as np
 import pytest
 import requests
 from monailabel.client import MONAILabelClient
@@ -43,6 +46,14 @@ def infer_json(url, params, name="trainer", image=IMAGE):
     return json.loads(result) if isinstance(result, str) else result
 
 
+def infer_mask(url, params, name="trainer", image=IMAGE):
+    path, _ = client(url, name).infer("adaptsam", image, params)
+    try:
+        return np.asarray(nib.load(path).dataobj)
+    finally:
+        os.unlink(path)
+
+
 def liver_box(samples_dir):
     label, _, _ = samples.load_reference(samples_dir, IMAGE)
     truth = label == samples.label_value(samples_dir, IMAGE, "liver")
@@ -69,6 +80,7 @@ def test_train_publishes_and_inference_picks_it_up_without_restart(samples_dir, 
         box = liver_box(samples_dir)
         before = infer_json(url, box)
         assert before["adapter_version"] == 0
+        base_mask = infer_mask(url, box, name="first-look")  # a new client: a session of its own
         save_reference_as_final(url, samples_dir, IMAGE)
         assert client(url).info()["datastore"]["completed"] == 1
 
@@ -87,7 +99,13 @@ def test_train_publishes_and_inference_picks_it_up_without_restart(samples_dir, 
 
         # rollback to the base model and back, without a restart
         r = requests.post(f"{url}/adaptsam/serve/adaptsam", params={"version": "0"}, timeout=60)
-        assert r.status_code == 404  # version 0 is "no adapter", not a file
+        assert r.status_code == 404  # version 0 is not a file; the base model is pinned by name
+        r = requests.post(f"{url}/adaptsam/serve/adaptsam", params={"version": "base"}, timeout=60)
+        assert r.status_code == 200 and r.json() == {"model": "adaptsam", "pinned": "base", "serving_version": 0}
+        on_base = infer_json(url, box)
+        assert on_base["adapter_version"] == 0 and on_base["model"] == "litemedsam/base"
+        assert on_base["embedding_cached"] is False  # v1's embeddings are not served for the base model
+        assert np.array_equal(infer_mask(url, box, name="second-look"), base_mask) and base_mask.any()
         r = requests.post(f"{url}/adaptsam/serve/adaptsam", params={"version": "1"}, timeout=60)
         assert r.status_code == 200 and r.json()["serving_version"] == 1
 

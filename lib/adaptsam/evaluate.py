@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import tempfile
 from dataclasses import replace
 from pathlib import Path
 from typing import Dict, Tuple
@@ -41,7 +40,7 @@ def parse_models(spec: str, weights: str, backbone: str) -> Dict[str, ModelSpec]
 
 def _model(item: str, weights: str, backbone: str) -> Tuple[str, ModelSpec]:
     if item == "base":
-        return "base", base_spec(tempfile.mkdtemp(prefix="adaptsam-base-"), backbone)
+        return "base", base_spec(backbone)
     if "=" in item:
         from .model.adapter_io import read_adapter_meta
 

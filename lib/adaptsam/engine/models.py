@@ -119,6 +119,9 @@ class ServingModel:
         return self.version_key if self.engine == "torch" else f"{self.version_key}+{self.engine}"
 
 
+BASE = "base"  # the pin that serves the base model: no adapter file at all
+
+
 class ModelHandle:
     CHECK_INTERVAL_S = 1.0
 
@@ -140,10 +143,10 @@ class ModelHandle:
         self._base: Optional[PromptableSam] = None
 
     def pin(self, version: str) -> None:
-        """Serve exactly this version from now on (rollback), or a kept training candidate
-        ("cN"); "" or "latest" follows new publications."""
+        """Serve exactly this version from now on (rollback), a kept training candidate ("cN") or
+        the base model without adapters ("base"); "" or "latest" follows new publications."""
         version = "" if str(version).lower() in ("", "latest") else str(version)
-        if version:
+        if version and version != BASE:
             path = self._pinned_path(version)
             if not path.is_file():
                 raise FileNotFoundError(f"no {self.kind} adapter {version} ({path.name})")
@@ -169,6 +172,8 @@ class ModelHandle:
                 "wanted_engine": self.converted.engine if self.engine != "torch" else "torch"}
 
     def _wanted(self) -> Optional[Path]:
+        if self.pinned == BASE:
+            return None
         if self.pinned:
             return self._pinned_path(self.pinned)
         versions = published_versions(self.weights_dir, self.kind, self.backbone)

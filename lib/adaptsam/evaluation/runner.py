@@ -13,7 +13,7 @@ import numpy as np
 
 from ..engine.encoder_engines import OpenVinoEncoders
 from ..engine.interactive import InteractiveSegmenter, Runtime
-from ..engine.models import ModelHandle, published_versions
+from ..engine.models import BASE, ModelHandle, published_versions
 from ..engine.volume import Volume
 from .protocol import Protocol, evaluate_volume, in_process, summarise
 
@@ -42,9 +42,9 @@ class ModelSpec:
     engine: str = "torch"  # or openvino / openvino-bf16: the encoder engine, as the server names it
 
 
-def base_spec(empty_dir: str, backbone: str = "litemedsam") -> ModelSpec:
-    """The base model: a handle on a folder without adapter files."""
-    return ModelSpec("2d", empty_dir, "", backbone)
+def base_spec(backbone: str = "litemedsam") -> ModelSpec:
+    """The base model: a handle pinned to no adapter at all."""
+    return ModelSpec("2d", "", BASE, backbone)
 
 
 def published_specs(weights_dir: str, kind: str, backbone: str = "litemedsam", last: int = 0) -> Dict[str, ModelSpec]:

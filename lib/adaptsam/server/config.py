@@ -31,7 +31,7 @@ HELP = {
     "cache_gb": "embedding cache budget (GiB)",
     "session_gb": "memory for per-client sessions (GiB; least recently used go first)",
     "propagate": "false: requests default to mode 'slice' instead of 'volume'",
-    "adapter_2d": "adapter version number or file for `adaptsam` (default: newest published)",
+    "adapter_2d": "adapter version number, file or `base` (no adapters) for `adaptsam` (default: newest published)",
     "adapter_3d": "... for `adaptsam_3d`",
     "labels": "comma-separated structure names offered to viewers",
     "auto_train_every": "final labels saved between automatic retrains (0: off)",

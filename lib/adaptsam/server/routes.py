@@ -167,8 +167,8 @@ def build_router(app_getter, max_upload: int) -> APIRouter:
         instance = app_getter()
         if model not in instance.model_names():
             raise HTTPException(404, f"unknown model {model!r}; available: {instance.model_names()}")
-        if not (version == "latest" or version.isdigit() or (version[:1] == "c" and version[1:].isdigit())):
-            raise HTTPException(422, "version must be a published version number, a candidate (cN) or 'latest'")
+        if not (version in ("latest", "base") or version.isdigit() or (version[:1] == "c" and version[1:].isdigit())):
+            raise HTTPException(422, "version must be a published version number, a candidate (cN), 'base' (no adapters) or 'latest'")
         try:
             return await run_in_threadpool(instance.serve_version, model, version)
         except FileNotFoundError as e:

@@ -12,7 +12,6 @@ published by hand (`POST /adaptsam/candidates/<model>/publish`), which is logged
 from __future__ import annotations
 
 import json
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -83,7 +82,7 @@ class Gate:
         if not self.cases:
             return
         t0 = time.time()
-        specs = {"base": base_spec(tempfile.mkdtemp(prefix="adaptsam-gate-base-"), self.backbone)}
+        specs = {"base": base_spec(self.backbone)}
         if published_versions(self.weights_dir, self.kind, self.backbone):
             specs["served"] = ModelSpec(self.kind, str(self.weights_dir), "", self.backbone)
         report = evaluate_models(specs, self.cases, self.protocol, self.device, log=self.log)
