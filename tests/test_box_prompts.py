@@ -1,4 +1,5 @@
-"""LiteMedSAM answers a box on real CT, on the original slice grid; untrained adapters change nothing."""
+"""LiteMedSAM answers a box on real CT, on the original slice grid; untrained adapters change nothing;
+the served recipe answers a box alone with the base decoder."""
 
 from __future__ import annotations
 
@@ -8,11 +9,15 @@ import torch
 
 import samples
 from adaptsam.engine.metrics import bounding_box, dice, largest_slice
+from adaptsam.engine.models import ModelHandle
 from adaptsam.engine.predictor import SlicePredictor
 from adaptsam.engine.preprocess import take_slice
+from adaptsam.engine.prompts import PromptPolicy, SlicePrompt, decode_slice
+from adaptsam.engine.propagation import propagate
 from adaptsam.engine.volume import Volume
 from adaptsam.model.adapters import AdapterConfig, attach_adapters
 from adaptsam.model.backbones import build_model
+from server_util import WEIGHTS
 
 AXIAL = 2
 
@@ -80,3 +85,62 @@ def test_untrained_adapters_give_identical_masks(ct, samples_dir, base_model, or
     assert np.array_equal(got_3d.mask, expected_3d.mask)
     assert torch.equal(got_3d.low_res_logits, expected_3d.low_res_logits)
     assert dice(expected_3d.mask, expected.mask) > 0.999
+
+
+def test_a_box_alone_is_answered_by_the_base_decoder_a_click_by_the_adapted_one(ct, samples_dir):
+    """The served recipe with the shipped 2D adapter: a box alone goes through the base model's
+    decoder on the adapted embedding (engine/prompts.py); a click on the slice brings the decoder
+    adapters in; the policy field turns the box path off for experiments."""
+    vol, _ = ct
+    k, plane, truth, box = _box_case(ct, samples_dir, "liver")
+    serving = ModelHandle("2d", "litemedsam", WEIGHTS, "cpu").current()
+    assert serving.version > 0
+    pred = SlicePredictor(serving.model)
+    geom = pred.geometry(plane, vol.plane_spacing(AXIAL))
+    emb = pred.embed(pred.model_input(plane, geom)[None])
+    served = decode_slice(serving, emb, geom, SlicePrompt(box=box))
+    assert torch.equal(served.low_res_logits, pred.predict(emb, geom, box=box, adapted_decoder=False).low_res_logits)
+    adapted = decode_slice(serving, emb, geom, SlicePrompt(box=box), PromptPolicy(boxes_on_base_decoder=False))
+    assert torch.equal(adapted.low_res_logits, pred.predict(emb, geom, box=box).low_res_logits)
+    assert not torch.equal(adapted.low_res_logits, served.low_res_logits)
+    r, c = np.argwhere(truth)[len(np.argwhere(truth)) // 2]
+    clicked = decode_slice(serving, emb, geom, SlicePrompt(box=box, foreground=[(r, c)]))
+    assert torch.equal(clicked.low_res_logits, pred.predict(emb, geom, box=box, foreground=[(r, c)]).low_res_logits)
+    assert dice(served.mask, truth) > 0.9
+
+
+def test_propagation_keeps_the_decoder_of_its_start_unless_a_user_clicked(ct, samples_dir):
+    """A 3D box's slices are answered like its start (a box alone: the base decoder); a slice
+    with the user's click on it, or a propagation started from a click, uses the adapters."""
+    vol, label = ct
+    truth3d = label == samples.label_value(samples_dir, "ct_dicom", "liver")
+    k = largest_slice(truth3d, AXIAL)
+    serving = ModelHandle("2d", "litemedsam", WEIGHTS, "cpu").current()
+    pred = SlicePredictor(serving.model)
+    norm = vol.normalized(vol.window("liver"))
+    geom = pred.geometry(take_slice(norm, AXIAL, k), vol.plane_spacing(AXIAL))
+    embeddings = {}
+
+    def embed(s, step=0):
+        if s not in embeddings:
+            embeddings[s] = pred.embed(pred.model_input(take_slice(norm, AXIAL, s), geom)[None])
+        return embeddings[s]
+
+    r0, c0, r1, c1 = bounding_box(take_slice(truth3d, AXIAL, k))
+    roi = [(r0, r1), (c0, c1), (k - 2, k + 2)]
+    box_of = lambda roi: (roi[0][0], roi[1][0], roi[0][1], roi[1][1])
+    start = decode_slice(serving, embed(k), geom, SlicePrompt(box=(r0, c0, r1, c1)))
+    assert not start.adapted_decoder
+    inside = np.argwhere(take_slice(truth3d, AXIAL, k + 1))
+    click = tuple(int(v) for v in inside[len(inside) // 2])
+    preds = propagate(serving, embed, geom, vol.shape[AXIAL], k, start, roi, AXIAL, box_of, {k + 1: ([click], [])})
+    assert sorted(preds) == [k - 2, k - 1, k + 1, k + 2]
+    assert [preds[s].adapted_decoder for s in sorted(preds)] == [False, False, True, False]
+    b = bounding_box(start.mask)
+    clipped = (max(b[0], r0), max(b[1], c0), min(b[2], r1), min(b[3], c1))  # within the 3D box
+    expected = pred.predict(embed(k - 1), geom, box=clipped, mask_input=start.low_res_logits, adapted_decoder=False)
+    assert torch.equal(preds[k - 1].low_res_logits, expected.low_res_logits)
+
+    from_click = decode_slice(serving, embed(k), geom, SlicePrompt(foreground=[click]))
+    assert from_click.adapted_decoder
+    assert all(p.adapted_decoder for p in propagate(serving, embed, geom, vol.shape[AXIAL], k, from_click, roi, AXIAL, box_of, {}).values())

@@ -255,3 +255,28 @@ def test_averaged_adapter_files_publish_as_the_next_version(tmp_path):
     with pytest.raises(ValueError, match="at least two"):
         adapter_io.average_adapter_files(runs[:1])
     assert sorted(p.name for p in out.iterdir()) == ["adaptsam_2d_litemedsam_v3.pt", "adaptsam_2d_litemedsam_v4.pt"]
+
+
+def test_the_base_decoder_is_the_base_models_decoder_on_shared_weights(base_model):
+    """What a box alone is answered with (engine/prompts.py): the adapted model's decoder with its
+    adapter-wrapped blocks swapped back, equal to the base model's decoder, adding no weights."""
+    images, boxes, points = _inputs(2, 256, seed=5)
+    model = attach_adapters(build_model("litemedsam"), AdapterConfig(kind="2d", decoder_blocks=2))
+    with torch.no_grad():  # decoder adapters that do something
+        g = torch.Generator().manual_seed(0)
+        for name, p in model.named_parameters():
+            if name.startswith("mask_decoder") and "adapter_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    names = set(model.state_dict())
+    with torch.inference_mode():
+        emb = base_model.encode(images)
+        expected, expected_iou = base_model.decode(emb, points=points, boxes=boxes)
+        adapted, _ = model.decode(emb, points=points, boxes=boxes)
+        on_base, on_base_iou = model.decode(emb, points=points, boxes=boxes, adapted_decoder=False)
+    assert torch.equal(on_base, expected) and torch.equal(on_base_iou, expected_iou)
+    assert not torch.allclose(adapted, expected, atol=1e-3)
+    assert set(model.state_dict()) == names
+    view = model.decoder(adapted=False)
+    assert view is model.decoder(adapted=False) and view is not model.mask_decoder
+    assert view.transformer.layers[0] is model.mask_decoder.transformer.layers[0].base
+    assert view.iou_token is model.mask_decoder.iou_token

@@ -22,6 +22,7 @@ class Prediction:
     mask: np.ndarray  # (rows, cols) bool on the original slice grid
     low_res_logits: torch.Tensor  # (1, 1, L, L): the next prompt's mask input
     iou: float  # the decoder's own IoU estimate
+    adapted_decoder: bool = True  # False: the base model's decoder answered (engine/prompts.py)
 
 
 class SlicePredictor:
@@ -55,8 +56,10 @@ class SlicePredictor:
         background: Sequence[Sequence[int]] = (),
         mask_input: Optional[torch.Tensor] = None,
         multimask: bool = False,
+        adapted_decoder: bool = True,
     ) -> Prediction:
-        """One decoder pass. box = (r0, c0, r1, c1) inclusive; points as (row, col)."""
+        """One decoder pass. box = (r0, c0, r1, c1) inclusive; points as (row, col).
+        adapted_decoder=False: the base model's decoder on the (adapted) embedding."""
         points = None
         if len(foreground) or len(background):
             rc = np.concatenate([np.asarray(foreground, float).reshape(-1, 2), np.asarray(background, float).reshape(-1, 2)])
@@ -71,10 +74,13 @@ class SlicePredictor:
         if mask_input is not None:
             mask_input = mask_input.to(self.device, torch.float32)
         logits, iou = self.model.decode(
-            embedding.to(self.device, torch.float32), points=points, boxes=boxes, mask_input=mask_input, multimask=multimask
+            embedding.to(self.device, torch.float32), points=points, boxes=boxes, mask_input=mask_input, multimask=multimask,
+            adapted_decoder=adapted_decoder,
         )
         best = int(torch.argmax(iou[0])) if multimask else 0
-        return self._prediction(logits[:, best : best + 1], float(iou[0, best]), geom)
+        pred = self._prediction(logits[:, best : best + 1], float(iou[0, best]), geom)
+        pred.adapted_decoder = adapted_decoder
+        return pred
 
     @staticmethod
     def _prediction(low_res: torch.Tensor, iou: float, geom: SliceGeometry) -> Prediction:

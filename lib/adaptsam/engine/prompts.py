@@ -12,7 +12,11 @@ The pieces, each in its own module with the reasons for it:
   boxes around its first answer (first_click.py); the base model picks among SAM's three
   ambiguity masks instead;
 - an uploaded mask is a dense prompt of saturated logits, and, on a slice without clicks, its
-  bounding box is the box prompt.
+  bounding box is the box prompt;
+- a box with nothing a user clicked or drew on its slice is answered by the base model's decoder
+  on the adapted embedding (and so are the slices propagated from it, propagation.py): the
+  decoder adapters are what learn clicks, and away from the data they trained on they were
+  measured to cost box answers what the encoder adapters gain (docs/experiments.md).
 
 `PromptPolicy` names the recipe's switches. Users do not set them; an experiment sets a field in
 code to measure the variant against the default (docs/experiments.md).
@@ -45,9 +49,15 @@ class PromptPolicy:
     guide_box: bool = True
     carve_clicks: bool = True
     first_click_boxes: bool = True
+    boxes_on_base_decoder: bool = True  # a box alone: the base model's decoder (the module's docstring)
 
     def carries_logits(self, serving: ServingModel) -> bool:
         return serving.carries_logits if self.carry_logits is None else self.carry_logits
+
+    def adapted_decoder(self, clicks: int, user_mask: bool) -> bool:
+        """Whether a slice prompted by a box (and `clicks` clicks, a mask the user drew or not)
+        is answered with the decoder adapters."""
+        return clicks > 0 or user_mask or not self.boxes_on_base_decoder
 
 
 SERVED = PromptPolicy()
@@ -98,4 +108,5 @@ def decode_slice(serving: ServingModel, embedding: torch.Tensor, geom: SliceGeom
     # the base model's lone click picks among SAM's ambiguity masks; adapters learnt (and were
     # measured on) the single output
     return predictor.predict(embedding, geom, box=box, foreground=fg, background=bg, mask_input=mask_in,
-                             multimask=lone_click and not adapted)
+                             multimask=lone_click and not adapted,
+                             adapted_decoder=box is None or policy.adapted_decoder(prompt.clicks, prompt.mask is not None and prompt.mask.any()))

@@ -1,6 +1,8 @@
 """3D by propagation: from the prompted slice both ways, each next slice prompted with the
 previous slice's answer (its bounding box and its logits as mask prompt), until the decoder's
-own IoU estimate or the mask's area says the object has ended, or the 3D box ends."""
+own IoU estimate or the mask's area says the object has ended, or the 3D box ends. A slice is
+answered by the decoder that answered the start (a box alone: the base decoder, see prompts.py)
+unless the user clicked or drew on it."""
 
 from __future__ import annotations
 
@@ -51,11 +53,11 @@ def propagate(serving: ServingModel, embed: Callable[[int, int], torch.Tensor], 
                 box = (max(box[0], clip[0]), max(box[1], clip[1]), min(box[2], clip[2]), min(box[3], clip[3]))
                 if box[0] > box[2] or box[1] > box[3]:
                     break
-            mask_in = mask_to_prompt(take_slice(mask, axis, s), geom, model.mask_input_size[0]) if mask is not None else None
-            if mask_in is None and policy.use_logits:
-                mask_in = prev.low_res_logits
+            drawn = mask_to_prompt(take_slice(mask, axis, s), geom, model.mask_input_size[0]) if mask is not None else None
+            mask_in = prev.low_res_logits if drawn is None and policy.use_logits else drawn
             fg, bg = clicks.get(s, ([], []))
-            pred = predictor.predict(embed(s, step), geom, box=box, foreground=fg, background=bg, mask_input=mask_in)
+            pred = predictor.predict(embed(s, step), geom, box=box, foreground=fg, background=bg, mask_input=mask_in,
+                                     adapted_decoder=start.adapted_decoder or bool(fg or bg) or drawn is not None)
             area = int(pred.mask.sum())
             if area == 0 or pred.iou < policy.min_iou:
                 break

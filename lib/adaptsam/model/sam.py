@@ -8,9 +8,11 @@ backbone and checkpoint the weights came from (adapter files are tied to both).
 
 from __future__ import annotations
 
+import copy
 from typing import Callable, Optional, Tuple
 
 import torch
+from torch import nn
 
 from .sam_modeling import Sam
 
@@ -46,20 +48,40 @@ class PromptableSam(Sam):
         boxes: Optional[torch.Tensor] = None,
         mask_input: Optional[torch.Tensor] = None,
         multimask: bool = False,
+        adapted_decoder: bool = True,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """Prompts in model-input pixel coordinates -> (low-res logits (B, M, 4h, 4w), IoU (B, M)).
 
         points: (coords (B, N, 2) as x, y; labels (B, N): 1 positive, 0 negative, -1 padding).
         boxes: (B, 4) as x0, y0, x1, y1. mask_input: (B, 1, 4h, 4w) logits of an earlier mask.
+        adapted_decoder=False: the base model's decoder (see `decoder`), on these embeddings.
         """
         sparse, dense = self.prompt_encoder(points=points, boxes=boxes, masks=mask_input)
-        return self.mask_decoder(
+        return self.decoder(adapted_decoder)(
             image_embeddings=embeddings,
             image_pe=self.prompt_encoder.get_dense_pe(),
             sparse_prompt_embeddings=sparse,
             dense_prompt_embeddings=dense,
             multimask_output=multimask,
         )
+
+    def decoder(self, adapted: bool = True) -> nn.Module:
+        """The mask decoder; adapted=False: the same decoder with each adapter-wrapped block
+        swapped back for the base block it wraps (a wrapper keeps it as `base`). The two share
+        every weight, so this costs no memory, and it is a separate module, not a switch, so
+        requests decoding at the same time cannot see each other's choice."""
+        layers = self.mask_decoder.transformer.layers
+        if adapted or not any(hasattr(layer, "base") for layer in layers):
+            return self.mask_decoder
+        view = self.__dict__.get("_base_decoder_view")
+        if view is None or view[0] is not self.mask_decoder:
+            decoder, transformer = copy.copy(self.mask_decoder), copy.copy(self.mask_decoder.transformer)
+            decoder._modules, transformer._modules = dict(decoder._modules), dict(transformer._modules)
+            transformer.layers = nn.ModuleList([getattr(layer, "base", layer) for layer in layers])
+            decoder.transformer = transformer
+            view = (self.mask_decoder, decoder)
+            self.__dict__["_base_decoder_view"] = view  # not a submodule: no second set of names
+        return view[1]
 
     def decode_ranked(
         self, embeddings: torch.Tensor, points: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,

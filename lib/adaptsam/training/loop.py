@@ -29,6 +29,7 @@ import torch
 
 from ..engine.allocator import keep_freed_memory
 from ..engine.encoder import window_group
+from ..engine.prompts import SERVED
 from ..model import adapter_io
 from ..model.adapters import adapter_state_dict, set_adapter_training_mode
 from ..model.encoder_split import encode_head, encode_tail
@@ -145,7 +146,10 @@ class AdapterTrainer:
         dices: Dict[str, float] = {}
         target = gts.float().unsqueeze(1).to(emb.device)
         for rnd in range(1 + self.opt.corrections):
-            logits, iou_pred = self.model.decode(emb, points=points_tensor(points, emb.device), boxes=boxes, mask_input=mask_in)
+            # as served: a box alone is answered by the base decoder (engine/prompts.py)
+            adapted_decoder = not use_box or rnd > 0 or SERVED.adapted_decoder(clicks=0, user_mask=False)
+            logits, iou_pred = self.model.decode(emb, points=points_tensor(points, emb.device), boxes=boxes, mask_input=mask_in,
+                                                 adapted_decoder=adapted_decoder)
             step_loss, hard_dice = round_loss(logits, iou_pred, target, self.opt.iou_weight)
             loss = loss + step_loss
             first = "box" if use_box else "click1"
@@ -172,7 +176,8 @@ class AdapterTrainer:
         dices: Dict[str, float] = {}
         if keep:
             loss, dices = self.decode_rounds(emb[keep], gts[keep], self.rng.random() < 0.5, [recorded[i] for i in keep])
-            loss.backward()
+            if loss.requires_grad:  # not when only the base decoder answered (a box, no corrections, decoder phase)
+                loss.backward()
             dices["loss"] = float(loss.detach())
         if self.world_size > 1:
             distributed.all_reduce_grads(self.params, self.world_size)
