@@ -27,7 +27,6 @@ Layout: ``DIR/<site>/studies/<id>.nii.gz`` (images only: a MONAI Label datastore
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import logging
 import sys
