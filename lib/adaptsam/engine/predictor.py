@@ -78,14 +78,13 @@ class SlicePredictor:
             adapted_decoder=adapted_decoder,
         )
         best = int(torch.argmax(iou[0])) if multimask else 0
-        pred = self._prediction(logits[:, best : best + 1], float(iou[0, best]), geom)
-        pred.adapted_decoder = adapted_decoder
-        return pred
+        return self._prediction(logits[:, best : best + 1], float(iou[0, best]), geom, adapted_decoder)
 
     @staticmethod
-    def _prediction(low_res: torch.Tensor, iou: float, geom: SliceGeometry) -> Prediction:
+    def _prediction(low_res: torch.Tensor, iou: float, geom: SliceGeometry, adapted_decoder: bool = True) -> Prediction:
         """(1, 1, L, L) logits -> the mask on the slice grid."""
-        return Prediction(mask=(geom.logits_to_plane(low_res[0, 0]) > 0).cpu().numpy(), low_res_logits=low_res.cpu(), iou=iou)
+        return Prediction(mask=(geom.logits_to_plane(low_res[0, 0]) > 0).cpu().numpy(), low_res_logits=low_res.cpu(), iou=iou,
+                          adapted_decoder=adapted_decoder)
 
     @torch.inference_mode()
     def rank_boxes(self, embedding: torch.Tensor, geom: SliceGeometry, boxes: Sequence[Sequence[float]],

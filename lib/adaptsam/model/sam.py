@@ -73,15 +73,15 @@ class PromptableSam(Sam):
         layers = self.mask_decoder.transformer.layers
         if adapted or not any(hasattr(layer, "base") for layer in layers):
             return self.mask_decoder
-        view = self.__dict__.get("_base_decoder_view")
-        if view is None or view[0] is not self.mask_decoder:
-            decoder, transformer = copy.copy(self.mask_decoder), copy.copy(self.mask_decoder.transformer)
-            decoder._modules, transformer._modules = dict(decoder._modules), dict(transformer._modules)
+        # built once: adapters are attached once (attach_adapters refuses a second time)
+        view = self.__dict__.get("_base_decoder")
+        if view is None:
+            view, transformer = copy.copy(self.mask_decoder), copy.copy(self.mask_decoder.transformer)
+            view._modules, transformer._modules = dict(view._modules), dict(transformer._modules)
             transformer.layers = nn.ModuleList([getattr(layer, "base", layer) for layer in layers])
-            decoder.transformer = transformer
-            view = (self.mask_decoder, decoder)
-            self.__dict__["_base_decoder_view"] = view  # not a submodule: no second set of names
-        return view[1]
+            view.transformer = transformer
+            self.__dict__["_base_decoder"] = view  # not a submodule: no second set of names
+        return view
 
     def decode_ranked(
         self, embeddings: torch.Tensor, points: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
