@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 ORTHANC_PORT ?= 8042
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup test test-slow serve pacs orthanc browser samples benchmark clean
+.PHONY: setup test test-slow serve pacs orthanc browser samples adapters benchmark clean
 
 setup: $(VENV)/.installed
 
@@ -27,6 +27,12 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 
 samples: setup
 	$(PY) tools/samples.py fetch $(SAMPLES)
+
+# the shipped adapters rebuilt from the sample studies (about an hour on 2 cores), published into
+# ADAPTERS_OUT as the next 2D and 3D versions: tools/adapters.py
+ADAPTERS_OUT ?= model_weights
+adapters: samples
+	$(PY) tools/adapters.py build --samples $(SAMPLES) --out $(ADAPTERS_OUT)
 
 # quality-style statistics over whole volumes are marked slow: `make test-slow` runs them
 test: samples orthanc browser

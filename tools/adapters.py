@@ -1,0 +1,86 @@
+"""Rebuild the shipped adapters from the sample data, in one command.
+
+    python tools/adapters.py build [--samples .data/samples] [--out model_weights]
+
+About an hour on 2 CPU cores. Two training runs, one after the other, on the sample studies
+``ct_3mm`` and ``mr_3mm`` with their silver labels (``ct_dicom`` stays out: it is the held-out
+``ct_abdomen`` set of ``benchmarks/modalities.py``):
+
+1. the 2D adapter (Medical SAM Adapter), from identity;
+2. the 3D adapter (MA-SAM), from identity, its decoder adapters seeded from stage 1's.
+
+Each is published into ``--out`` as the next version of its kind, with the recipe's options in
+its metadata; nothing is measured or gated here (the evaluation that chose the recipe is
+``benchmarks/modalities.py``; docs/experiments.md). Fixed epoch and step counts, no time budget,
+fixed seeds: a rerun repeats the same optimisation (floating-point sums on another CPU or thread
+count may differ in the last bits).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import samples
+
+TRAINING_STUDIES = ("ct_3mm", "mr_3mm")
+
+# the fields every stage shares: from identity, every image trains, publish without the gate
+COMMON = dict(resume=False, val_split=0.0, publish="always", max_minutes=0.0, seed=0, learning_rate=1e-3)
+
+RECIPE = (
+    ("2d", dict(max_epochs=14)),  # the first half on cached embeddings (decoder adapters only)
+    ("3d", dict(max_epochs=10, decoder_epochs=1, decoder_blocks=2, train_batch_size=1, steps_per_epoch=40)),
+)
+
+
+def stage_options(kind: str, overrides: Optional[Dict] = None):
+    from adaptsam.training.options import TrainOptions
+
+    fields = {**COMMON, **dict(RECIPE)[kind], **(overrides or {})}
+    return TrainOptions(kind=kind, **fields)
+
+
+def training_pairs(samples_dir: Path) -> List[Dict[str, str]]:
+    return [{"image": str(samples.image_path(samples_dir, i)), "label": str(samples.reference_path(samples_dir, i))}
+            for i in TRAINING_STUDIES]
+
+
+def build(samples_dir: Path, out: Path, overrides: Optional[Dict] = None, stages=tuple(dict(RECIPE)),
+          log=print) -> List[Path]:
+    """Run the recipe's stages into `out`; the published files, in order. `overrides` and
+    `stages` (tests) replace option values in every stage and pick stages."""
+    from adaptsam.training.loop import AdapterTrainer
+
+    if not samples.is_complete(samples_dir):
+        raise SystemExit(f"no complete samples in {samples_dir}: run `make samples` first")
+    out.mkdir(parents=True, exist_ok=True)
+    published = []
+    for kind in stages:
+        opt = stage_options(kind, overrides)
+        log(f"== stage {kind}: {opt.to_dict()}")
+        result = AdapterTrainer(training_pairs(samples_dir), opt, out, "litemedsam", log=log).run()
+        if not result.published:
+            raise SystemExit(f"stage {kind} published nothing")
+        published.append(Path(result.published))
+        log(f"== stage {kind}: {result.published}")
+    return published
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="tools/adapters.py", description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="command", required=True)
+    b = sub.add_parser("build", help="train the 2D, then the 3D adapter from the sample studies")
+    b.add_argument("--samples", type=Path, default=samples.default_samples_dir())
+    b.add_argument("--out", type=Path, default=Path("model_weights"))
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    for path in build(args.samples, args.out):
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
