@@ -28,9 +28,9 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 samples: setup
 	$(PY) tools/samples.py fetch $(SAMPLES)
 
-# the shipped adapters rebuilt from the sample studies (about an hour on 2 cores), published into
-# ADAPTERS_OUT as the next 2D and 3D versions: tools/adapters.py
-ADAPTERS_OUT ?= model_weights
+# the shipped adapters' recipe run on the sample studies (about an hour on 2 cores), published into
+# ADAPTERS_OUT (not served from there) as the next 2D and 3D versions: tools/adapters.py
+ADAPTERS_OUT ?= .data/adapters
 adapters: samples
 	$(PY) tools/adapters.py build --samples $(SAMPLES) --out $(ADAPTERS_OUT)
 
