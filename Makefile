@@ -28,8 +28,8 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 samples: setup
 	$(PY) tools/samples.py fetch $(SAMPLES)
 
-# the shipped adapters' recipe run on the sample studies (about an hour on 2 cores), published into
-# ADAPTERS_OUT (not served from there) as the next 2D and 3D versions: tools/adapters.py
+# 2D and 3D adapters trained from the sample studies by one fixed recipe (about an hour on 2 cores),
+# published into ADAPTERS_OUT, which no server reads unless told: tools/adapters.py, model_weights/README.md
 ADAPTERS_OUT ?= .data/adapters
 adapters: samples
 	$(PY) tools/adapters.py build --samples $(SAMPLES) --out $(ADAPTERS_OUT)
