@@ -21,16 +21,12 @@ from adaptsam.training.simulation import carve
 from server_util import WEIGHTS
 
 
-def _datalist(samples_dir, ids):
-    return [{"image": str(samples.image_path(samples_dir, i)), "label": str(samples.reference_path(samples_dir, i))} for i in ids]
-
-
 def test_short_run_publishes_adapters_and_keeps_base_bit_identical(samples_dir, tmp_path, base_model):
     # with the clicks carved into the carried logits of the correction rounds, as the server does
     opts = TrainOptions(kind="2d", max_epochs=2, steps_per_epoch=2, train_batch_size=2, val_split=0.5, val_pairs=6, seed=1,
                         carve_clicks=True)
     stats = tmp_path / "stats.json"
-    trainer = AdapterTrainer(_datalist(samples_dir, ["mr_3mm", "ct_3mm"]), opts, tmp_path, stats_path=stats, log=print)
+    trainer = AdapterTrainer(samples.training_datalist(samples_dir, ["mr_3mm", "ct_3mm"]), opts, tmp_path, stats_path=stats, log=print)
     # force a publication even if 2 tiny epochs do not beat the zero adapter on validation
     trainer_result = trainer.run()
     model = trainer.model
@@ -68,7 +64,7 @@ def test_trainer_moves_adapters_in_a_single_step(samples_dir, tmp_path):
     # one saved label leaves the gate nothing to measure with: publish=always (the CLI's way to
     # build shipped adapters) publishes the run's best epoch unmeasured
     opts = TrainOptions(kind="3d", max_epochs=1, steps_per_epoch=1, train_batch_size=1, val_split=0, seed=2, publish="always")
-    trainer = AdapterTrainer(_datalist(samples_dir, ["mr_3mm"]), opts, tmp_path, log=print)
+    trainer = AdapterTrainer(samples.training_datalist(samples_dir, ["mr_3mm"]), opts, tmp_path, log=print)
     result = trainer.run()
     assert result.published and result.version == 1
     payload = adapter_io.read_adapter_file(result.published)
@@ -86,7 +82,7 @@ def test_distributed_path_runs_two_ranks_on_cpu(samples_dir, tmp_path):
     adapter gradients every step and rank 0 publishes once."""
     opts = TrainOptions(kind="2d", max_epochs=1, steps_per_epoch=1, train_batch_size=1, val_split=0, decoder_epochs=0, seed=3,
                         publish="always")
-    train_distributed(2, backend="gloo", datalist=_datalist(samples_dir, ["mr_3mm"]), options=opts,
+    train_distributed(2, backend="gloo", datalist=samples.training_datalist(samples_dir, ["mr_3mm"]), options=opts,
                       weights_dir=tmp_path, backbone="litemedsam", stats_path=tmp_path / "stats.json")
     versions = published_versions(tmp_path, "2d", "litemedsam")
     assert [v for v, _ in versions] == [1]
@@ -97,7 +93,7 @@ def test_a_retrain_keeps_the_layout_it_resumes_from(samples_dir, tmp_path):
     """An adapter with decoder adapters in both two-way blocks (the shipped 3D layout): a retrain
     with default options (what the server's POST /train does) must resume from it, not start
     from zero in the default layout."""
-    data = _datalist(samples_dir, ["mr_3mm"])
+    data = samples.training_datalist(samples_dir, ["mr_3mm"])
     quick = dict(kind="2d", max_epochs=1, steps_per_epoch=1, train_batch_size=1, val_split=0, decoder_epochs=0, publish="always")
     first = AdapterTrainer(data, TrainOptions(**quick, decoder_blocks=2, seed=4), tmp_path, log=print).run()
     assert adapter_io.read_adapter_meta(first.published)["config"]["decoder_blocks"] == 2

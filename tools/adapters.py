@@ -46,11 +46,6 @@ def stage_options(kind: str, overrides: Optional[Dict] = None):
     return TrainOptions(kind=kind, **fields)
 
 
-def training_pairs(samples_dir: Path) -> List[Dict[str, str]]:
-    return [{"image": str(samples.image_path(samples_dir, i)), "label": str(samples.reference_path(samples_dir, i))}
-            for i in TRAINING_STUDIES]
-
-
 def build(samples_dir: Path, out: Path, overrides: Optional[Dict] = None, stages=tuple(dict(RECIPE)),
           log=print) -> List[Path]:
     """Run the recipe's stages into `out`; the published files, in order. `overrides` and
@@ -60,11 +55,12 @@ def build(samples_dir: Path, out: Path, overrides: Optional[Dict] = None, stages
     if not samples.is_complete(samples_dir):
         raise SystemExit(f"no complete samples in {samples_dir}: run `make samples` first")
     out.mkdir(parents=True, exist_ok=True)
+    datalist = samples.training_datalist(samples_dir, TRAINING_STUDIES)
     published = []
     for kind in stages:
         opt = stage_options(kind, overrides)
         log(f"== stage {kind}: {opt.to_dict()}")
-        result = AdapterTrainer(training_pairs(samples_dir), opt, out, "litemedsam", log=log).run()
+        result = AdapterTrainer(datalist, opt, out, "litemedsam", log=log).run()
         if not result.published:
             raise SystemExit(f"stage {kind} published nothing")
         published.append(Path(result.published))

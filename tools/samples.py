@@ -161,6 +161,11 @@ def reference_path(samples_dir, image_id: str) -> Path:
     return Path(samples_dir) / "reference" / f"{image_id}.nii.gz"
 
 
+def training_datalist(samples_dir, image_ids) -> List[Dict[str, str]]:
+    """The studies with their silver labels as a trainer's datalist (image and label paths)."""
+    return [{"image": str(image_path(samples_dir, i)), "label": str(reference_path(samples_dir, i))} for i in image_ids]
+
+
 def reference_meta_path(samples_dir, image_id: str) -> Path:
     return Path(samples_dir) / "reference" / f"{image_id}.json"
 

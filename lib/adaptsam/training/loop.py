@@ -147,7 +147,7 @@ class AdapterTrainer:
         target = gts.float().unsqueeze(1).to(emb.device)
         for rnd in range(1 + self.opt.corrections):
             # as served: a box alone is answered by the base decoder (engine/prompts.py)
-            adapted_decoder = not (use_box and rnd == 0 and SERVED.boxes_on_base_decoder)
+            adapted_decoder = not use_box or rnd > 0 or SERVED.adapted_decoder(clicks=0, user_mask=False)
             logits, iou_pred = self.model.decode(emb, points=points_tensor(points, emb.device), boxes=boxes, mask_input=mask_in,
                                                  adapted_decoder=adapted_decoder)
             step_loss, hard_dice = round_loss(logits, iou_pred, target, self.opt.iou_weight)
