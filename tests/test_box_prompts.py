@@ -3,6 +3,8 @@ the served recipe answers a box alone with the base decoder."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -15,6 +17,7 @@ from adaptsam.engine.preprocess import take_slice
 from adaptsam.engine.prompts import PromptPolicy, SlicePrompt, decode_slice
 from adaptsam.engine.propagation import propagate
 from adaptsam.engine.volume import Volume
+from adaptsam.model import adapter_io
 from adaptsam.model.adapters import AdapterConfig, attach_adapters
 from adaptsam.model.backbones import build_model
 from server_util import WEIGHTS
@@ -87,10 +90,11 @@ def test_untrained_adapters_give_identical_masks(ct, samples_dir, base_model, or
     assert dice(expected_3d.mask, expected.mask) > 0.999
 
 
-def test_a_box_alone_is_answered_by_the_base_decoder_a_click_by_the_adapted_one(ct, samples_dir):
+def test_a_box_alone_is_answered_by_the_base_decoder_a_click_by_the_adapted_one(ct, samples_dir, tmp_path):
     """The served recipe with the shipped 2D adapter: a box alone goes through the base model's
     decoder on the adapted embedding (engine/prompts.py); a click on the slice brings the decoder
-    adapters in; the policy field turns the box path off for experiments."""
+    adapters in; the policy field turns the box path off for experiments, and so does a file the
+    publish gate marked as answering boxes better through its own decoder."""
     vol, _ = ct
     k, plane, truth, box = _box_case(ct, samples_dir, "liver")
     serving = ModelHandle("2d", "litemedsam", WEIGHTS, "cpu").current()
@@ -107,6 +111,17 @@ def test_a_box_alone_is_answered_by_the_base_decoder_a_click_by_the_adapted_one(
     clicked = decode_slice(serving, emb, geom, SlicePrompt(box=box, foreground=[(r, c)]))
     assert torch.equal(clicked.low_res_logits, pred.predict(emb, geom, box=box, foreground=[(r, c)]).low_res_logits)
     assert dice(served.mask, truth) > 0.9
+
+    payload = adapter_io.read_adapter_file(serving.source)
+    payload["meta"]["box_decoder"] = "adapted"
+    marked = tmp_path / Path(serving.source).name
+    adapter_io.write_adapter_file(marked, payload)
+    serving_marked = ModelHandle("2d", "litemedsam", tmp_path, "cpu").current()
+    assert serving.boxes_on_base_decoder and not serving_marked.boxes_on_base_decoder
+    own = decode_slice(serving_marked, emb, geom, SlicePrompt(box=box))
+    assert own.adapted_decoder and torch.equal(own.low_res_logits, adapted.low_res_logits)
+    pinned = decode_slice(serving_marked, emb, geom, SlicePrompt(box=box), PromptPolicy(boxes_on_base_decoder=True))
+    assert torch.equal(pinned.low_res_logits, served.low_res_logits)
 
 
 def test_propagation_keeps_the_decoder_of_its_start_unless_a_user_clicked(ct, samples_dir):

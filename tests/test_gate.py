@@ -52,6 +52,21 @@ def test_judge_rules():
     assert gate.judge({"box": 0.695, "score": 0.51}, None, base).publish  # nothing served: beat the base model
 
 
+def test_the_gate_keeps_the_better_way_of_answering_boxes():
+    base = {"box": 0.70, "score": 0.50}
+    served = {"box": 0.75, "score": 0.60}
+    own_better = gate.judge_both_ways({"base": {"box": 0.76, "score": 0.62}, "adapted": {"box": 0.80, "score": 0.65}}, served, base)
+    assert own_better.publish and own_better.box_decoder == "adapted" and own_better.scores["candidate"]["box"] == 0.80
+    assert own_better.by_box_decoder["base"] == {"box": 0.76, "score": 0.62} and "adapted decoder" in own_better.reason
+    # a higher score is no use when its boxes fall below the base model's: the publishable way wins
+    own_forgets = gate.judge_both_ways({"base": {"box": 0.76, "score": 0.62}, "adapted": {"box": 0.65, "score": 0.70}}, served, base)
+    assert own_forgets.publish and own_forgets.box_decoder == "base"
+    tie = gate.judge_both_ways({"base": {"box": 0.76, "score": 0.62}, "adapted": {"box": 0.76, "score": 0.62}}, served, base)
+    assert tie.box_decoder == "base"
+    neither = gate.judge_both_ways({"base": {"box": 0.76, "score": 0.55}, "adapted": {"box": 0.77, "score": 0.58}}, served, base)
+    assert not neither.publish and neither.box_decoder == "adapted"  # kept back, with its better way recorded
+
+
 def test_better_candidate_published_worse_one_kept_and_pinnable(case, tmp_path):
     weights = tmp_path / "weights"
     weights.mkdir()
@@ -64,11 +79,20 @@ def test_better_candidate_published_worse_one_kept_and_pinnable(case, tmp_path):
     better.parent.mkdir()
     shutil.copy2(shipped_2d(), better)
     decision = g.decide(better)
-    print(decision.reason)
+    print(decision.reason, decision.by_box_decoder)
     assert decision.publish and decision.scores["candidate"]["score"] > decision.scores["base"]["score"]
+    # measured both ways of answering a box alone (they differ), the better kept, in the file
+    ways = decision.by_box_decoder
+    assert set(ways) == {"base", "adapted"} and ways["adapted"]["box"] != ways["base"]["box"]
+    assert decision.box_decoder == max(ways, key=lambda d: ways[d]["score"])
+    assert decision.scores["candidate"]["score"] == ways[decision.box_decoder]["score"]
+    gate.record_box_decoder(better, decision.box_decoder)
     published = gate.publish_candidate(better, weights, decision.reason)
     assert published.name == "adaptsam_2d_litemedsam_v1.pt"
-    assert adapter_io.read_adapter_meta(published)["published_because"] == decision.reason
+    meta = adapter_io.read_adapter_meta(published)
+    assert meta["published_because"] == decision.reason and meta["box_decoder"] == decision.box_decoder
+    served = ModelHandle("2d", "litemedsam", weights, "cpu").current()
+    assert served.boxes_on_base_decoder == (decision.box_decoder == "base")
 
     # a candidate made worse on purpose: the served adapter's tensors with noise on them
     payload = adapter_io.read_adapter_file(published)

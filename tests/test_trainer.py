@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 
 import pytest
@@ -75,6 +76,15 @@ def test_trainer_moves_adapters_in_a_single_step(samples_dir, tmp_path):
     assert ModelHandle("3d", "litemedsam", tmp_path, "cpu").current().carries_logits is True
     assert ModelHandle("2d", "litemedsam", WEIGHTS, "cpu").current().carries_logits is True
     assert ModelHandle("2d", "litemedsam", tmp_path / "empty", "cpu").current().carries_logits is True
+    # a box alone teaches the decoder adapters too, even with no correction round after it (the
+    # publish gate may serve a version's boxes through its own decoder); the base decoder's answer
+    # is scored beside it
+    trainer.opt = dataclasses.replace(trainer.opt, corrections=0)
+    gts = torch.zeros(1, trainer.low_res, trainer.low_res, dtype=torch.bool)
+    gts[0, 80:160, 90:150] = True
+    emb = torch.randn(1, 256, *trainer.model.prompt_encoder.image_embedding_size)  # fixed, as in the decoder phase
+    loss, dices = trainer.decode_rounds(emb, gts, True, [None])
+    assert loss.requires_grad and set(dices) == {"box", "box_own"}
 
 
 def test_distributed_path_runs_two_ranks_on_cpu(samples_dir, tmp_path):

@@ -109,6 +109,13 @@ class ServingModel:
         return adapter_io.serving_mode(self.meta)["carry_logits"]
 
     @property
+    def boxes_on_base_decoder(self) -> bool:
+        """Whether a box alone is answered by the base model's decoder (on the adapted
+        embedding): yes, unless the publish gate measured this version's own decoder better at
+        boxes on the site's labels and wrote so into its file (training/gate.py)."""
+        return adapter_io.serving_mode(self.meta)["box_decoder"] == "base"
+
+    @property
     def version_key(self) -> str:
         """Names the weights: what a session continues with (an engine change keeps it)."""
         return f"{self.model.backbone}/base" if self.version == 0 else f"{self.model.backbone}/{self.kind}/v{self.version}"

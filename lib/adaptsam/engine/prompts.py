@@ -16,7 +16,9 @@ The pieces, each in its own module with the reasons for it:
 - a box with nothing a user clicked or drew on its slice is answered by the base model's decoder
   on the adapted embedding (and so are the slices propagated from it, propagation.py): the
   decoder adapters are what learn clicks, and away from the data they trained on they were
-  measured to cost box answers what the encoder adapters gain (docs/experiments.md).
+  measured to cost box answers what the encoder adapters gain (docs/experiments.md). A version
+  the publish gate measured answering boxes better through its own decoder on a site's labels
+  says so in its file, and is served that way (`ServingModel.boxes_on_base_decoder`).
 
 `PromptPolicy` names the recipe's switches. Users do not set them; an experiment sets a field in
 code to measure the variant against the default (docs/experiments.md).
@@ -49,15 +51,16 @@ class PromptPolicy:
     guide_box: bool = True
     carve_clicks: bool = True
     first_click_boxes: bool = True
-    boxes_on_base_decoder: bool = True  # a box alone: the base model's decoder (the module's docstring)
+    boxes_on_base_decoder: Optional[bool] = None  # a box alone: None: as the served version's file says
 
     def carries_logits(self, serving: ServingModel) -> bool:
         return serving.carries_logits if self.carry_logits is None else self.carry_logits
 
-    def adapted_decoder(self, clicks: int, user_mask: bool) -> bool:
+    def adapted_decoder(self, serving: ServingModel, clicks: int, user_mask: bool) -> bool:
         """Whether a slice prompted by a box (and `clicks` clicks, a mask the user drew or not)
         is answered with the decoder adapters."""
-        return clicks > 0 or user_mask or not self.boxes_on_base_decoder
+        on_base = serving.boxes_on_base_decoder if self.boxes_on_base_decoder is None else self.boxes_on_base_decoder
+        return clicks > 0 or user_mask or not on_base
 
 
 SERVED = PromptPolicy()
@@ -109,4 +112,4 @@ def decode_slice(serving: ServingModel, embedding: torch.Tensor, geom: SliceGeom
     # measured on) the single output
     return predictor.predict(embedding, geom, box=box, foreground=fg, background=bg, mask_input=mask_in,
                              multimask=lone_click and not adapted,
-                             adapted_decoder=box is None or policy.adapted_decoder(prompt.clicks, prompt.mask is not None and prompt.mask.any()))
+                             adapted_decoder=box is None or policy.adapted_decoder(serving, prompt.clicks, prompt.mask is not None and prompt.mask.any()))

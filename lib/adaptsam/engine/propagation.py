@@ -1,7 +1,7 @@
 """3D by propagation: from the prompted slice both ways, each next slice prompted with the
 previous slice's answer (its bounding box and its logits as mask prompt), until the decoder's
 own IoU estimate or the mask's area says the object has ended, or the 3D box ends. A slice is
-answered by the decoder that answered the start (a box alone: the base decoder, see prompts.py)
+answered by the decoder that answered the start (a box alone: see prompts.py)
 unless the user clicked or drew on it."""
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ import numpy as np
 from ..engine.encoder_engines import OpenVinoEncoders
 from ..engine.interactive import InteractiveSegmenter, Runtime
 from ..engine.models import BASE, ModelHandle, published_versions
+from ..engine.prompts import PromptPolicy
 from ..engine.volume import Volume
 from .protocol import Protocol, evaluate_volume, in_process, summarise
 
@@ -40,6 +41,7 @@ class ModelSpec:
     pinned: str = ""
     backbone: str = "litemedsam"
     engine: str = "torch"  # or openvino / openvino-bf16: the encoder engine, as the server names it
+    boxes_on_base_decoder: Optional[bool] = None  # None: as the file says (the publish gate measures both)
 
 
 def base_spec(backbone: str = "litemedsam") -> ModelSpec:
@@ -92,7 +94,7 @@ def evaluate_models(models: Dict[str, ModelSpec], cases: Sequence[Case], protoco
         runtime = Runtime(cache_bytes)
         try:
             handle = engine_handle(spec, device, log)
-            segmenter = InteractiveSegmenter(runtime, handle)
+            segmenter = InteractiveSegmenter(runtime, handle, PromptPolicy(boxes_on_base_decoder=spec.boxes_on_base_decoder))
             serving = runtime.serving(handle)
             log(f"{name}: {serving.key}")
             rows = []

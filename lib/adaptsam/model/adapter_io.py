@@ -47,7 +47,14 @@ def save_adapters(path: Path | str, model: PromptableSam, version: int, **extra:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = adapter_metadata(model, version, **extra)
-    payload = {"meta": meta, "state_dict": {k: v.cpu() for k, v in adapter_state_dict(model).items()}}
+    write_adapter_file(path, {"meta": meta, "state_dict": {k: v.cpu() for k, v in adapter_state_dict(model).items()}})
+    return meta
+
+
+def write_adapter_file(path: Path | str, payload: Dict[str, Any]) -> None:
+    """Write a payload as `read_adapter_file` returns it, by rename: readers see the old file or
+    the whole new one."""
+    path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -59,7 +66,6 @@ def save_adapters(path: Path | str, model: PromptableSam, version: int, **extra:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return meta
 
 
 def read_adapter_file(path: Path | str) -> Dict[str, Any]:
@@ -145,8 +151,11 @@ def warm_start(path: Path | str, model: PromptableSam) -> Dict[str, Any]:
 
 def serving_mode(meta: Dict[str, Any]) -> Dict[str, Any]:
     """What the server takes from a file besides its tensors: whether corrections get the
-    previous logits as mask prompt (recorded by the trainer; files from before: yes)."""
-    return {"carry_logits": bool(meta.get("options", {}).get("carry_logits", True))}
+    previous logits as mask prompt (recorded by the trainer; files from before: yes), and which
+    decoder answers a box alone (chosen by the publish gate; files it did not measure: the base
+    model's)."""
+    return {"carry_logits": bool(meta.get("options", {}).get("carry_logits", True)),
+            "box_decoder": "adapted" if meta.get("box_decoder") == "adapted" else "base"}
 
 
 def average_adapter_files(paths: Sequence[Path | str]) -> Tuple[Dict[str, torch.Tensor], List[Dict[str, Any]]]:

@@ -3,8 +3,10 @@ interactive protocol (evaluation/) measures it better for this site than what is
 not worse than the base model at boxes.
 
 The measurement uses the run's validation images: the site's own saved labels, split by image,
-that the candidate never trained on. With a single saved label there is nothing honest to
-measure on, and the candidate is kept, not published. A kept candidate lives in
+that the candidate never trained on. The candidate is measured twice, a box alone answered by
+the base model's decoder (as every version is served by default) and by its own: the better
+way is written into its file and served with it. With a single saved label there is nothing
+honest to measure on, and the candidate is kept, not published. A kept candidate lives in
 `<weights>/candidates/` with its report: it can be pinned for a look (`version=cN`) or
 published by hand (`POST /adaptsam/candidates/<model>/publish`), which is logged.
 """
@@ -16,8 +18,6 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
-
-import torch
 
 from ..engine.models import CANDIDATES, published_name, published_versions
 from ..evaluation.protocol import Protocol
@@ -36,6 +36,8 @@ class GateDecision:
     reason: str
     scores: Dict[str, Dict] = field(default_factory=dict)  # model name -> evaluation summary
     seconds: float = 0.0
+    box_decoder: str = "base"  # which decoder answers the candidate's boxes (adapter_io.serving_mode)
+    by_box_decoder: Dict[str, Dict] = field(default_factory=dict)  # box Dice and score, each way
 
     def to_dict(self) -> Dict:
         return asdict(self)
@@ -56,6 +58,19 @@ def judge(candidate: Dict, served: Optional[Dict], base: Dict, margin: float = B
                               f"box Dice {candidate['box']:.3f} (base {base['box']:.3f})", scores)
 
 
+def judge_both_ways(by_decoder: Dict[str, Dict], served: Optional[Dict], base: Dict, margin: float = BOX_MARGIN) -> GateDecision:
+    """The candidate measured with a box alone answered by the base decoder and by its own
+    (`by_decoder`: "base"/"adapted" -> summary), judged each way. The way kept: a publishable one
+    first, then the higher score; on a tie the base decoder (the default)."""
+    decisions = {d: judge(summary, served, base, margin) for d, summary in by_decoder.items()}
+    way = max(by_decoder, key=lambda d: (decisions[d].publish, by_decoder[d]["score"], d == "base"))
+    decision = decisions[way]
+    decision.box_decoder = way
+    decision.by_box_decoder = {d: {"box": s["box"], "score": s["score"]} for d, s in by_decoder.items()}
+    decision.reason += f"; boxes by the {way} decoder"
+    return decision
+
+
 def cases_from(items: Sequence[Dict]) -> List[Case]:
     # the id keys the evaluation's embedding cache: the datastore's own (a series UID has dots)
     return [Case(d.get("image_id") or Path(d["image"]).name.split(".")[0], d["image"], d["label"], dict(d.get("names") or {}))
@@ -65,6 +80,8 @@ def cases_from(items: Sequence[Dict]) -> List[Case]:
 class Gate:
     """Measures the served version and the base model once (before training: it tells the run
     how long the candidate's measurement will take), then the candidate."""
+
+    BOX_DECODERS = ("base", "adapted")
 
     def __init__(self, weights_dir: Path, kind: str, backbone: str, val_items: Sequence[Dict], device: str = "cpu",
                  log: Callable[[str], None] = print, protocol: Protocol = GATE_PROTOCOL):
@@ -89,16 +106,31 @@ class Gate:
         self.references = {name: entry["summary"] for name, entry in report["models"].items()}
         self.seconds_per_model = (time.time() - t0) / len(specs)
 
+    @property
+    def candidate_seconds(self) -> float:
+        """What measuring a candidate will take (both ways of answering its boxes)."""
+        return self.seconds_per_model * len(self.BOX_DECODERS)
+
     def decide(self, candidate: Path) -> GateDecision:
         if not self.cases:
             return GateDecision(False, "no validation image: with a single saved label there is nothing the candidate "
                                        f"did not train on to measure it with (at least {MIN_LABELS} final labels are needed)")
         t0 = time.time()
-        spec = {"candidate": ModelSpec(self.kind, str(candidate.parent), str(candidate), self.backbone)}
-        report = evaluate_models(spec, self.cases, self.protocol, self.device, log=self.log)
-        decision = judge(report["models"]["candidate"]["summary"], self.references.get("served"), self.references["base"])
+        specs = {f"candidate, boxes by the {d} decoder": ModelSpec(self.kind, str(candidate.parent), str(candidate), self.backbone,
+                                                                   boxes_on_base_decoder=d == "base")
+                 for d in self.BOX_DECODERS}
+        report = evaluate_models(specs, self.cases, self.protocol, self.device, log=self.log)
+        by_decoder = {d: report["models"][name]["summary"] for d, name in zip(self.BOX_DECODERS, specs)}
+        decision = judge_both_ways(by_decoder, self.references.get("served"), self.references["base"])
         decision.seconds = round(time.time() - t0, 1)
         return decision
+
+
+def record_box_decoder(candidate: Path, box_decoder: str) -> None:
+    """Write the gate's choice into the candidate's file: it is served (and published) so."""
+    payload = adapter_io.read_adapter_file(candidate)
+    payload["meta"]["box_decoder"] = box_decoder
+    adapter_io.write_adapter_file(candidate, payload)
 
 
 def candidate_path(weights_dir: Path, kind: str, backbone: str) -> Path:
@@ -134,8 +166,6 @@ def publish_candidate(candidate: Path, weights_dir: Path, reason: str) -> Path:
     meta.update(version=version, previous_version=versions[-1][0] if versions else 0, published_because=reason,
                 candidate=candidate.name)
     target = Path(weights_dir) / published_name(meta["kind"], meta["backbone"], version)
-    tmp = target.with_name(f".{target.name}.tmp")
-    torch.save(payload, tmp)
-    tmp.replace(target)
+    adapter_io.write_adapter_file(target, payload)
     return target
 

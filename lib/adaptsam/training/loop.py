@@ -29,7 +29,6 @@ import torch
 
 from ..engine.allocator import keep_freed_memory
 from ..engine.encoder import window_group
-from ..engine.prompts import SERVED
 from ..model import adapter_io
 from ..model.adapters import adapter_state_dict, set_adapter_training_mode
 from ..model.encoder_split import encode_head, encode_tail
@@ -146,12 +145,17 @@ class AdapterTrainer:
         dices: Dict[str, float] = {}
         target = gts.float().unsqueeze(1).to(emb.device)
         for rnd in range(1 + self.opt.corrections):
-            # as served: a box alone is answered by the base decoder (engine/prompts.py)
-            adapted_decoder = not use_box or rnd > 0 or SERVED.adapted_decoder(clicks=0, user_mask=False)
-            logits, iou_pred = self.model.decode(emb, points=points_tensor(points, emb.device), boxes=boxes, mask_input=mask_in,
-                                                 adapted_decoder=adapted_decoder)
+            logits, iou_pred = self.model.decode(emb, points=points_tensor(points, emb.device), boxes=boxes, mask_input=mask_in)
             step_loss, hard_dice = round_loss(logits, iou_pred, target, self.opt.iou_weight)
             loss = loss + step_loss
+            if use_box and rnd == 0:
+                # a box alone is served by the base decoder unless the gate measures the version's
+                # own better at the site (engine/prompts.py): both answers learn; the corrections
+                # continue from the base decoder's, as served by default
+                dices["box_own"] = float(hard_dice.mean())
+                logits, iou_pred = self.model.decode(emb, points=points_tensor(points, emb.device), boxes=boxes, adapted_decoder=False)
+                step_loss, hard_dice = round_loss(logits, iou_pred, target, self.opt.iou_weight)
+                loss = loss + step_loss
             first = "box" if use_box else "click1"
             dices[first if rnd == 0 else f"{'box' if use_box else 'click'}+{rnd}"] = float(hard_dice.mean())
             if rnd == self.opt.corrections:
@@ -176,8 +180,7 @@ class AdapterTrainer:
         dices: Dict[str, float] = {}
         if keep:
             loss, dices = self.decode_rounds(emb[keep], gts[keep], self.rng.random() < 0.5, [recorded[i] for i in keep])
-            if loss.requires_grad:  # not when only the base decoder answered (a box, no corrections, decoder phase)
-                loss.backward()
+            loss.backward()
             dices["loss"] = float(loss.detach())
         if self.world_size > 1:
             distributed.all_reduce_grads(self.params, self.world_size)
@@ -272,7 +275,7 @@ class AdapterTrainer:
         nobody is waiting for the result any more)."""
         if not self.alive():
             return True
-        reserve = getattr(self, "gate", None).seconds_per_model if getattr(self, "gate", None) else 0.0
+        reserve = getattr(self, "gate", None).candidate_seconds if getattr(self, "gate", None) else 0.0
         return bool(self.opt.max_minutes) and time.time() - t0 > 60 * self.opt.max_minutes - reserve
 
     def _finish(self, start, best_state, best, stats, train_items, val_items, t0) -> TrainResult:
@@ -306,6 +309,7 @@ class AdapterTrainer:
         publish.save_candidate(self.model, candidate, start.next_version, train_items, val_items, metrics, options,
                                start.base_version, time.time() - t0)
         decision = self.gate.decide(candidate)
+        gate.record_box_decoder(candidate, decision.box_decoder)
         gate.write_report(candidate, decision)
         stats["gate"] = decision.to_dict()
         stats["candidate"] = candidate.stem
