@@ -96,6 +96,7 @@ def test_train_publishes_and_inference_picks_it_up_without_restart(samples_dir, 
         info = client(url).info()
         assert info["train_stats"]["adaptsam"]["epoch"] == 1
         assert info["adaptsam"]["served"]["2d"]["version"] == 1
+        assert info["adaptsam"]["served"]["2d"]["box_decoder"] == "base"  # published unmeasured: the default
 
         # rollback to the base model and back, without a restart
         r = requests.post(f"{url}/adaptsam/serve/adaptsam", params={"version": "0"}, timeout=60)
@@ -209,6 +210,7 @@ def test_the_gate_keeps_a_worse_candidate_back_and_says_why(samples_dir, tmp_pat
         print(stats["gate"])
         assert stats["gate"]["publish"] is False and stats["gate"]["reason"]
         assert set(stats["gate"]["scores"]) == {"candidate", "served", "base"}
+        assert set(stats["gate"]["by_box_decoder"]) == {"base", "adapted"}  # measured both ways
         assert [v for v, _ in published_versions(weights, "2d", "litemedsam")] == [shipped[0]]
         listed = requests.get(f"{url}/adaptsam/candidates/adaptsam", timeout=30).json()
         assert [c["candidate"] for c in listed] == ["c1"] and listed[0]["reason"] == stats["gate"]["reason"]
@@ -219,4 +221,6 @@ def test_the_gate_keeps_a_worse_candidate_back_and_says_why(samples_dir, tmp_pat
         assert r.status_code == 200 and r.json()["published"] == f"adaptsam_2d_litemedsam_v{shipped[0] + 1}.pt"
         requests.post(f"{url}/adaptsam/serve/adaptsam", params={"version": "latest"}, timeout=60)
         assert infer_json(url, liver_box(samples_dir))["adapter_version"] == shipped[0] + 1
+        # served with the way of answering boxes the gate measured better for it
+        assert client(url).info()["adaptsam"]["served"]["2d"]["box_decoder"] == stats["gate"]["box_decoder"]
         assert requests.post(f"{url}/adaptsam/candidates/adaptsam/publish", params={"candidate": "c9"}, timeout=60).status_code == 404

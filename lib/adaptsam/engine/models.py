@@ -175,7 +175,7 @@ class ModelHandle:
         if cur is None:
             return None
         return {"version": cur.version, "model": cur.key, "source": cur.source, "pinned": self.pinned or "latest",
-                "engine": cur.engine,
+                "engine": cur.engine, "box_decoder": "base" if cur.boxes_on_base_decoder else "adapted",
                 "wanted_engine": self.converted.engine if self.engine != "torch" else "torch"}
 
     def _wanted(self) -> Optional[Path]:
