@@ -84,14 +84,18 @@ def engine_handle(spec: ModelSpec, device: str, log: Callable[[str], None]) -> M
 
 def evaluate_models(models: Dict[str, ModelSpec], cases: Sequence[Case], protocol: Protocol = Protocol(),
                     device: str = "cpu", log: Optional[Callable[[str], None]] = None, cache_bytes: int = 2 << 30,
-                    only: Optional[List[str]] = None) -> Dict:
-    """{"protocol": ..., "models": {name: {"summary": ..., "structures": [...], "seconds": ...}}}"""
+                    only: Optional[List[str]] = None, runtime: Optional[Runtime] = None) -> Dict:
+    """{"protocol": ..., "models": {name: {"summary": ..., "structures": [...], "seconds": ...}}}
+
+    Each model gets a runtime of its own, unless the caller passes one for all: only for specs of
+    one adapter file (ways of prompting it), which then share its embeddings."""
     log = log or logger.info
     loaded = [(case, *load_case(case)) for case in cases]
     report = {"protocol": protocol.__dict__, "cases": [c.image_id for c in cases], "models": {}}
+    shared = runtime
     for name, spec in models.items():
         t0 = time.time()
-        runtime = Runtime(cache_bytes)
+        runtime = shared or Runtime(cache_bytes)
         try:
             handle = engine_handle(spec, device, log)
             segmenter = InteractiveSegmenter(runtime, handle, PromptPolicy(boxes_on_base_decoder=spec.boxes_on_base_decoder))
@@ -102,7 +106,8 @@ def evaluate_models(models: Dict[str, ModelSpec], cases: Sequence[Case], protoco
                 rows += evaluate_volume(in_process(segmenter), case.image_path, case.image_id, label, tuple(image.spacing), case.names,
                                         protocol, log, only)
         finally:
-            runtime.stop()
+            if shared is None:
+                runtime.stop()
         report["models"][name] = {"model": serving.key, "summary": summarise(rows, protocol), "structures": rows,
                                   "seconds": round(time.time() - t0, 1)}
         log(f"{name}: {report['models'][name]['summary']}")
