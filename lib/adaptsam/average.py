@@ -3,7 +3,7 @@
     python -m adaptsam.average --out model_weights RUN_A.pt RUN_B.pt RUN_C.pt
 
 Each input is a training run's published file (`python -m adaptsam.train`); all must share one
-base checkpoint, kind, adapter layout and serving mode. The result is an ordinary adapter file:
+base checkpoint, kind, adapter layout and carry_logits. The result is an ordinary adapter file:
 the server serves it, rollback and retraining treat it like any other version, and its metadata
 names the files it averages (with their SHA-256, options and training images).
 """
@@ -41,7 +41,8 @@ def publish_average(paths, weights_dir: Path) -> Path:
         path, model, version,
         training_images=images,
         validation_images=[],
-        options=adapter_io.serving_mode(first),
+        # unmeasured: no box_decoder record, so its boxes go to the base decoder (engine/prompts.py)
+        options={"carry_logits": adapter_io.serving_mode(first)["carry_logits"]},
         averaged_from=[{"file": p.name, "sha256": _sha256(p), "version": m.get("version"),
                         "previous_version": m.get("previous_version"), "options": m.get("options", {}),
                         "metrics": m.get("metrics", {}), "train_seconds": m.get("train_seconds")}

@@ -164,7 +164,7 @@ def average_adapter_files(paths: Sequence[Path | str]) -> Tuple[Dict[str, torch.
     Runs that warm-start from one adapter and differ in options or seed end in one basin of the
     loss, where the average of their weights tends to generalise better than each of them (a
     "model soup", Wortsman et al. 2022; see docs/experiments.md).
-    Only files with one base checkpoint, kind, layout and serving mode can be averaged; anything
+    Only files with one base checkpoint, kind, layout and carry_logits can be averaged; anything
     else is refused."""
     if len(paths) < 2:
         raise ValueError("averaging needs at least two adapter files")
@@ -177,7 +177,7 @@ def average_adapter_files(paths: Sequence[Path | str]) -> Tuple[Dict[str, torch.
                            ("base checkpoint", first["base_sha256"], meta["base_sha256"]),
                            ("kind", first["kind"], meta["kind"]),
                            ("layout", config_from_meta(first).to_dict(), config_from_meta(meta).to_dict()),
-                           ("serving mode", serving_mode(first), serving_mode(meta)),
+                           ("carry_logits", serving_mode(first)["carry_logits"], serving_mode(meta)["carry_logits"]),
                            ("tensors", shapes, {k: v.shape for k, v in payload["state_dict"].items()})):
             if a != b:
                 raise AdapterMismatch(f"{path} differs from {paths[0]} in its {what}: {b} vs {a}")
