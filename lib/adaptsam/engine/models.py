@@ -109,11 +109,15 @@ class ServingModel:
         return adapter_io.serving_mode(self.meta)["carry_logits"]
 
     @property
+    def box_decoder(self) -> str:
+        """What answers a box alone: "base", the base model's decoder on the adapted embedding,
+        unless the publish gate measured this version's own decoder ("adapted") better at boxes on
+        the site's labels and wrote so into its file (training/gate.py)."""
+        return adapter_io.serving_mode(self.meta)["box_decoder"]
+
+    @property
     def boxes_on_base_decoder(self) -> bool:
-        """Whether a box alone is answered by the base model's decoder (on the adapted
-        embedding): yes, unless the publish gate measured this version's own decoder better at
-        boxes on the site's labels and wrote so into its file (training/gate.py)."""
-        return adapter_io.serving_mode(self.meta)["box_decoder"] == "base"
+        return self.box_decoder == "base"
 
     @property
     def version_key(self) -> str:
@@ -175,7 +179,7 @@ class ModelHandle:
         if cur is None:
             return None
         return {"version": cur.version, "model": cur.key, "source": cur.source, "pinned": self.pinned or "latest",
-                "engine": cur.engine, "box_decoder": "base" if cur.boxes_on_base_decoder else "adapted",
+                "engine": cur.engine, "box_decoder": cur.box_decoder,
                 "wanted_engine": self.converted.engine if self.engine != "torch" else "torch"}
 
     def _wanted(self) -> Optional[Path]:

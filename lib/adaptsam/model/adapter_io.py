@@ -149,13 +149,16 @@ def warm_start(path: Path | str, model: PromptableSam) -> Dict[str, Any]:
     return meta
 
 
+BOX_DECODERS = ("base", "adapted")  # what answers a box alone: the base model's decoder, or the adapted one
+
+
 def serving_mode(meta: Dict[str, Any]) -> Dict[str, Any]:
     """What the server takes from a file besides its tensors: whether corrections get the
     previous logits as mask prompt (recorded by the trainer; files from before: yes), and which
     decoder answers a box alone (chosen by the publish gate; files it did not measure: the base
     model's)."""
     return {"carry_logits": bool(meta.get("options", {}).get("carry_logits", True)),
-            "box_decoder": "adapted" if meta.get("box_decoder") == "adapted" else "base"}
+            "box_decoder": meta.get("box_decoder") if meta.get("box_decoder") in BOX_DECODERS else "base"}
 
 
 def average_adapter_files(paths: Sequence[Path | str]) -> Tuple[Dict[str, torch.Tensor], List[Dict[str, Any]]]:

@@ -82,8 +82,6 @@ class Gate:
     """Measures the served version and the base model once (before training: it tells the run
     how long the candidate's measurement will take), then the candidate."""
 
-    BOX_DECODERS = ("base", "adapted")
-
     def __init__(self, weights_dir: Path, kind: str, backbone: str, val_items: Sequence[Dict], device: str = "cpu",
                  log: Callable[[str], None] = print, protocol: Protocol = GATE_PROTOCOL):
         self.weights_dir = Path(weights_dir)
@@ -120,14 +118,14 @@ class Gate:
         t0 = time.time()
         specs = {f"candidate, boxes by the {d} decoder": ModelSpec(self.kind, str(candidate.parent), str(candidate), self.backbone,
                                                                    boxes_on_base_decoder=d == "base")
-                 for d in self.BOX_DECODERS}
+                 for d in adapter_io.BOX_DECODERS}
         runtime = Runtime(2 << 30)  # one file both ways: the second reuses the first's embeddings
         try:
             report = evaluate_models(specs, self.cases, self.protocol, self.device, log=self.log, runtime=runtime)
         finally:
             runtime.stop()
         self.log("gate: candidate measured in " + ", ".join(f"{e['seconds']} s" for e in report["models"].values()))
-        by_decoder = {d: report["models"][name]["summary"] for d, name in zip(self.BOX_DECODERS, specs)}
+        by_decoder = {d: report["models"][name]["summary"] for d, name in zip(adapter_io.BOX_DECODERS, specs)}
         decision = judge_both_ways(by_decoder, self.references.get("served"), self.references["base"])
         decision.seconds = round(time.time() - t0, 1)
         return decision
