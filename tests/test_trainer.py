@@ -23,12 +23,12 @@ from server_util import WEIGHTS
 
 
 def test_short_run_publishes_adapters_and_keeps_base_bit_identical(samples_dir, tmp_path, base_model):
-    # with the clicks carved into the carried logits of the correction rounds, as the server does
+    # with the clicks carved into the carried logits of the correction rounds, as the server does;
+    # published unmeasured (the gate has its own tests: test_gate.py, test_server_training.py)
     opts = TrainOptions(kind="2d", max_epochs=2, steps_per_epoch=2, train_batch_size=2, val_split=0.5, val_pairs=6, seed=1,
-                        carve_clicks=True)
+                        carve_clicks=True, publish="always")
     stats = tmp_path / "stats.json"
     trainer = AdapterTrainer(samples.training_datalist(samples_dir, ["mr_3mm", "ct_3mm"]), opts, tmp_path, stats_path=stats, log=print)
-    # force a publication even if 2 tiny epochs do not beat the zero adapter on validation
     trainer_result = trainer.run()
     model = trainer.model
     # every base tensor (parameters and BatchNorm statistics) is bit-identical to the checkpoint's
@@ -40,16 +40,16 @@ def test_short_run_publishes_adapters_and_keeps_base_bit_identical(samples_dir, 
         assert key in s
     assert s["epoch"] == 2 and s["total_epochs"] == 2 and set(s["val_dice"]) >= {"box", "click1", "click3"}
     assert "click+1" in s["train_dice"] or "box+1" in s["train_dice"]  # correction rounds ran
-    if trainer_result.published:
-        versions = published_versions(tmp_path, "2d", "litemedsam")
-        assert [v for v, _ in versions] == [1]
-        meta = adapter_io.read_adapter_meta(versions[0][1])
-        assert meta["version"] == 1 and meta["training_images"] and "best_val_dice" in meta["metrics"]
-        assert meta["options"]["carve_clicks"] is True and meta["options"]["carry_logits"] is True
-        payload = adapter_io.read_adapter_file(versions[0][1])
-        assert all(is_adapter_name(k) for k in payload["state_dict"])
-        served = attach_adapters(build_model("litemedsam"), AdapterConfig(kind="2d"))
-        adapter_io.load_adapters(versions[0][1], served)
+    versions = published_versions(tmp_path, "2d", "litemedsam")
+    assert trainer_result.published == str(versions[0][1]) and [v for v, _ in versions] == [1]
+    meta = adapter_io.read_adapter_meta(versions[0][1])
+    assert meta["version"] == 1 and meta["training_images"] and meta["validation_images"] and "best_val_dice" in meta["metrics"]
+    assert meta["options"]["carve_clicks"] is True and meta["options"]["carry_logits"] is True
+    assert adapter_io.serving_mode(meta)["box_decoder"] == "base"  # unmeasured: boxes by the base decoder
+    payload = adapter_io.read_adapter_file(versions[0][1])
+    assert all(is_adapter_name(k) for k in payload["state_dict"])
+    served = attach_adapters(build_model("litemedsam"), AdapterConfig(kind="2d"))
+    adapter_io.load_adapters(versions[0][1], served)
     assert not list(tmp_path.glob("*.tmp"))
     # the training-side carving lands where the click is: a positive click at the middle of the
     # model input on all-background logits paints the middle of the low-res grid, nothing far off
