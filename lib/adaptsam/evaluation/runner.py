@@ -92,22 +92,21 @@ def evaluate_models(models: Dict[str, ModelSpec], cases: Sequence[Case], protoco
     log = log or logger.info
     loaded = [(case, *load_case(case)) for case in cases]
     report = {"protocol": protocol.__dict__, "cases": [c.image_id for c in cases], "models": {}}
-    shared = runtime
     for name, spec in models.items():
         t0 = time.time()
-        runtime = shared or Runtime(cache_bytes)
+        model_runtime = runtime or Runtime(cache_bytes)
         try:
             handle = engine_handle(spec, device, log)
-            segmenter = InteractiveSegmenter(runtime, handle, PromptPolicy(boxes_on_base_decoder=spec.boxes_on_base_decoder))
-            serving = runtime.serving(handle)
+            segmenter = InteractiveSegmenter(model_runtime, handle, PromptPolicy(boxes_on_base_decoder=spec.boxes_on_base_decoder))
+            serving = model_runtime.serving(handle)
             log(f"{name}: {serving.key}")
             rows = []
             for case, image, label in loaded:
                 rows += evaluate_volume(in_process(segmenter), case.image_path, case.image_id, label, tuple(image.spacing), case.names,
                                         protocol, log, only)
         finally:
-            if shared is None:
-                runtime.stop()
+            if runtime is None:
+                model_runtime.stop()
         report["models"][name] = {"model": serving.key, "summary": summarise(rows, protocol), "structures": rows,
                                   "seconds": round(time.time() - t0, 1)}
         log(f"{name}: {report['models'][name]['summary']}")

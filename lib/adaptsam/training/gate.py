@@ -108,7 +108,8 @@ class Gate:
     @property
     def candidate_seconds(self) -> float:
         """What measuring a candidate will take: one model's time for the first way of answering
-        its boxes; the second reuses its embeddings (decoder passes only, about half as long)."""
+        its boxes; the second reuses its embeddings (decoder passes only: a fraction of the first,
+        for which half is reserved)."""
         return self.seconds_per_model * 1.5
 
     def decide(self, candidate: Path) -> GateDecision:
