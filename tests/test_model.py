@@ -223,7 +223,7 @@ def test_averaged_adapter_files_publish_as_the_next_version(tmp_path):
                     p.add_(torch.randn(p.shape, generator=g) * 0.01)
         path = tmp_path / "runs" / f"run{seed}.pt"
         adapter_io.save_adapters(path, model, version=4, previous_version=3, options={"carry_logits": True, "seed": seed},
-                                 training_images=[f"img{seed}.nii.gz"])
+                                 training_images=[f"img{seed}.nii.gz"], images_seen=[f"img{seed}.nii.gz", "img0.nii.gz"])
         runs.append(path)
     out = tmp_path / "weights"
     out.mkdir()
@@ -235,6 +235,8 @@ def test_averaged_adapter_files_publish_as_the_next_version(tmp_path):
     assert meta["version"] == 4 and meta["previous_version"] == 3 and meta["options"] == {"carry_logits": True}
     assert [a["file"] for a in meta["averaged_from"]] == ["run1.pt", "run2.pt", "run3.pt"]
     assert meta["training_images"] == ["img1.nii.gz", "img2.nii.gz", "img3.nii.gz"]
+    # what the runs' starting version learnt from stays in the lineage (the gate holds out other images)
+    assert meta["images_seen"] == ["img0.nii.gz", "img1.nii.gz", "img2.nii.gz", "img3.nii.gz"]
     fresh = attach_adapters(build_model("litemedsam"), cfg)
     adapter_io.load_adapters(published, fresh)
     inputs = [adapter_io.read_adapter_file(p)["state_dict"] for p in runs]

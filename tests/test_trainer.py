@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +16,8 @@ from adaptsam.engine.models import ModelHandle, published_versions
 from adaptsam.model import adapter_io
 from adaptsam.model.adapters import AdapterConfig, attach_adapters, base_state_dict, is_adapter_name
 from adaptsam.model.backbones import build_model
-from adaptsam.training.data import load_pair
+from adaptsam.training import starting_point
+from adaptsam.training.data import load_pair, split_by_image
 from adaptsam.training.distributed import train_distributed
 from adaptsam.training.loop import AdapterTrainer
 from adaptsam.training.options import TrainOptions, add_arguments, from_args
@@ -44,6 +47,7 @@ def test_short_run_publishes_adapters_and_keeps_base_bit_identical(samples_dir, 
     assert trainer_result.published == str(versions[0][1]) and [v for v, _ in versions] == [1]
     meta = adapter_io.read_adapter_meta(versions[0][1])
     assert meta["version"] == 1 and meta["training_images"] and meta["validation_images"] and "best_val_dice" in meta["metrics"]
+    assert meta["images_seen"] == sorted(meta["training_images"])  # started from identity: nothing learnt before
     assert meta["options"]["carve_clicks"] is True and meta["options"]["carry_logits"] is True
     assert adapter_io.serving_mode(meta)["box_decoder"] == "base"  # unmeasured: boxes by the base decoder
     payload = adapter_io.read_adapter_file(versions[0][1])
@@ -146,3 +150,28 @@ def test_the_command_line_has_a_flag_per_option_and_requests_are_checked():
     assert TrainOptions.from_request({"max_epochs": "3", "resume": "false", "model": "adaptsam"}, "2d").max_epochs == 3
     with pytest.raises(ValueError, match="max_epochs"):
         TrainOptions.from_request({"max_epochs": "many"}, "2d")
+
+
+def test_validation_is_held_out_from_images_the_starting_version_never_learnt_from(tmp_path):
+    """The gate compares a run's result with the version it started from, on the run's
+    validation images: on an image that version trained on, it would be measured on its own
+    training data. So validation images come from the rest while there are any."""
+    shipped = published_versions(WEIGHTS, "2d", "litemedsam")[-1][1]
+    shutil.copy2(shipped, tmp_path)
+    learnt = adapter_io.images_seen(adapter_io.read_adapter_meta(shipped))
+    assert learnt  # the shipped file names the images it trained on
+    # resuming, and a fresh 3d adapter, which takes the 2d adapter's decoder and what it learnt from
+    for kind in ("2d", "3d"):
+        start = starting_point.prepare(TrainOptions(kind=kind), tmp_path, "litemedsam", torch.device("cpu"), print)
+        assert start.images_seen == learnt, kind
+    items = [{"image": f"/datastore/{name}", "label": f"/datastore/labels/{name}"} for name in sorted(learnt) + ["site_1.nii.gz"]]
+    for seed in range(6):
+        train, val = split_by_image(items, 0.5, seed, learnt)  # the share asks for 2: only 1 is honest
+        assert [Path(d["image"]).name for d in val] == ["site_1.nii.gz"]
+        assert sorted(d["image"] for d in train + val) == sorted(d["image"] for d in items)
+        # with nothing learnt before, the share is held out at random
+        train, val = split_by_image(items, 0.5, seed)
+        assert len(val) == 2 and len(train) == 1
+    # every saved image was learnt from: still one held out (the run logs that the gate favours the start there)
+    train, val = split_by_image(items[:-1], 0.5, 0, learnt)
+    assert len(val) == 1 and len(train) == len(items) - 2

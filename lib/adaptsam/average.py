@@ -41,6 +41,7 @@ def publish_average(paths, weights_dir: Path) -> Path:
         path, model, version,
         training_images=images,
         validation_images=[],
+        images_seen=sorted(set().union(*(adapter_io.images_seen(m) for m in metas))),
         # unmeasured: no box_decoder record, so its boxes go to the base decoder (engine/prompts.py)
         options={"carry_logits": adapter_io.serving_mode(first)["carry_logits"]},
         averaged_from=[{"file": p.name, "sha256": _sha256(p), "version": m.get("version"),

@@ -12,7 +12,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
 import torch
 
@@ -74,6 +74,14 @@ def read_adapter_file(path: Path | str) -> Dict[str, Any]:
     if not isinstance(payload, dict) or payload.get("meta", {}).get("format") != FORMAT:
         raise AdapterMismatch(f"{path} is not an AdaptSAM adapter file")
     return payload
+
+
+def images_seen(meta: Optional[Dict[str, Any]]) -> Set[str]:
+    """Every image a file's weights learnt from: its own run's training images and, through the
+    version it started from, its ancestors'. Files written before that record name only their own."""
+    if not meta:
+        return set()
+    return set(meta.get("images_seen") or meta.get("training_images") or [])
 
 
 def read_adapter_meta(path: Path | str) -> Dict[str, Any]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Collection, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -109,8 +109,13 @@ def _keep_large_cross_sections(vs: VolumeSamples, fraction: float) -> None:
         sample.low_res = {v: m for v, m in sample.low_res.items() if int(m.sum()) >= fraction * largest[v]}
 
 
-def split_by_image(items: Sequence[Dict], val_split: float, seed: int) -> Tuple[List[Dict], List[Dict]]:
-    """Validation images are whole images, never slices of a training image."""
+def split_by_image(items: Sequence[Dict], val_split: float, seed: int,
+                   seen: Collection[str] = ()) -> Tuple[List[Dict], List[Dict]]:
+    """Validation images are whole images, never slices of a training image. They are drawn from
+    the images not in `seen` (file names the starting weights learnt from) while there are any:
+    the gate compares the run's result with the version it started from, and on an image that
+    version trained on it would be measured on its own training data. With fewer such images than
+    the share asks for, fewer are held out (at least one)."""
     items = sorted(items, key=lambda d: d["image"])
     if len(items) < 2 or val_split <= 0:
         return list(items), []
@@ -118,4 +123,6 @@ def split_by_image(items: Sequence[Dict], val_split: float, seed: int) -> Tuple[
     shuffled = items[:]
     rng.shuffle(shuffled)
     n_val = min(len(items) - 1, max(1, int(round(val_split * len(items)))))
-    return shuffled[n_val:], shuffled[:n_val]
+    unseen = [i for i, d in enumerate(shuffled) if Path(d["image"]).name not in seen]
+    held = set((unseen or range(len(shuffled)))[:n_val])
+    return [d for i, d in enumerate(shuffled) if i not in held], [d for i, d in enumerate(shuffled) if i in held]

@@ -198,8 +198,11 @@ class AdapterTrainer:
         self.low_res = self.model.mask_input_size[0]
         self.sim = PromptSimulator(self.rng, self.model.input_size, self.low_res, self.opt.protocol_clicks)
         served = validation.as_served(self.model, self.opt.kind, start.next_version, self.opt.num_slices)
-        train_items, val_items = split_by_image(self.datalist, self.opt.val_split, self.opt.seed)
+        train_items, val_items = split_by_image(self.datalist, self.opt.val_split, self.opt.seed, start.images_seen)
         self.log(f"{len(train_items)} training and {len(val_items)} validation images")
+        seen = sorted(Path(d["image"]).name for d in val_items if Path(d["image"]).name in start.images_seen)
+        if seen:  # every saved label was: the served version is measured on images it learnt from
+            self.log(f"validation images the starting version trained on (the gate favours it there): {', '.join(seen)}")
         train, val = self.load(train_items), self.load(val_items)
         self.log(f"loaded {sum(len(v.slices) for v in train + val)} slices in {time.time() - t0:.0f} s")
         pairs = [(vs, k) for vs in train for k, s in vs.slices.items() if s.objects]
@@ -301,13 +304,13 @@ class AdapterTrainer:
         options = {**self.opt.to_dict(), "carry_logits": True}
         if self.opt.publish == "always":
             path = publish.publish(self.model, self.weights_dir, self.opt.kind, self.backbone, start.next_version, train_items, val_items,
-                                   metrics, options, start.base_version, time.time() - t0)
+                                   metrics, options, start.base_version, time.time() - t0, start.images_seen)
             self.log(f"published {path.name} without the gate (publish=always)")
             stats.update(adapter_version=start.next_version, published=path.name, gate={"publish": True, "reason": "publish=always: not measured"})
             return done(TrainResult(str(path), start.next_version, best, stats))
         candidate = gate.candidate_path(self.weights_dir, self.opt.kind, self.backbone)
         publish.save_candidate(self.model, candidate, start.next_version, train_items, val_items, metrics, options,
-                               start.base_version, time.time() - t0)
+                               start.base_version, time.time() - t0, start.images_seen)
         decision = self.gate.decide(candidate)
         gate.record_box_decoder(candidate, decision.box_decoder)
         gate.write_report(candidate, decision)

@@ -6,7 +6,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Dict, Sequence
+from typing import Dict, Iterable, Sequence
 
 from ..engine.models import published_name
 from ..model import adapter_io
@@ -21,23 +21,29 @@ def write_json(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
-def _save(model, path: Path, version: int, train_items, val_items, metrics, options, previous_version, seconds) -> Path:
+def _save(model, path: Path, version: int, train_items, val_items, metrics, options, previous_version, seconds,
+          seen_before) -> Path:
+    trained = [Path(d["image"]).name for d in train_items]
     adapter_io.save_adapters(
         path, model, version,
-        training_images=[Path(d["image"]).name for d in train_items],
+        training_images=trained,
         validation_images=[Path(d["image"]).name for d in val_items],
+        images_seen=sorted(set(seen_before) | set(trained)),
         metrics=metrics, options=options, previous_version=previous_version, train_seconds=round(seconds, 1),
     )
     return path
 
 
 def save_candidate(model, path: Path, version: int, train_items: Sequence[Dict], val_items: Sequence[Dict], metrics: Dict,
-                   options: Dict, previous_version: int, seconds: float) -> Path:
-    """A run's result before the gate: outside the folder the server serves from."""
-    return _save(model, Path(path), version, train_items, val_items, metrics, options, previous_version, seconds)
+                   options: Dict, previous_version: int, seconds: float, seen_before: Iterable[str] = ()) -> Path:
+    """A run's result before the gate: outside the folder the server serves from. `seen_before`:
+    the images the weights it started from learnt from (adapter_io.images_seen)."""
+    return _save(model, Path(path), version, train_items, val_items, metrics, options, previous_version, seconds,
+                 seen_before)
 
 
 def publish(model, weights_dir: Path, kind: str, backbone: str, version: int, train_items: Sequence[Dict],
-            val_items: Sequence[Dict], metrics: Dict, options: Dict, previous_version: int, seconds: float) -> Path:
+            val_items: Sequence[Dict], metrics: Dict, options: Dict, previous_version: int, seconds: float,
+            seen_before: Iterable[str] = ()) -> Path:
     return _save(model, Path(weights_dir) / published_name(kind, backbone, version), version, train_items, val_items,
-                 metrics, options, previous_version, seconds)
+                 metrics, options, previous_version, seconds, seen_before)

@@ -8,9 +8,9 @@ the decoder adapters train; everything before the split is frozen and cacheable.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, List
+from typing import Callable, List, Optional, Set
 
 import torch
 
@@ -30,6 +30,7 @@ class StartingPoint:
     next_version: int  # what a publication of this run is numbered
     split: int  # encoder stage where training starts
     params: List[torch.nn.Parameter]  # what trains
+    images_seen: Set[str] = field(default_factory=set)  # images the starting weights learnt from
 
 
 def starting_layout(opt: TrainOptions, weights_dir: Path, backbone: str) -> AdapterConfig:
@@ -53,7 +54,7 @@ def prepare(opt: TrainOptions, weights_dir: Path, backbone: str, device: torch.d
     start = starting_layout(opt, weights_dir, backbone)
     cfg = AdapterConfig(kind=opt.kind, num_slices=opt.num_slices, decoder_blocks=opt.decoder_blocks or start.decoder_blocks)
     model = attach_adapters(build_model(backbone, weights_dir=weights_dir), cfg)
-    base_version = 0
+    base_version, seen = 0, set()
     if opt.resume and versions:
         newest = versions[-1][1]
         try:
@@ -67,9 +68,9 @@ def prepare(opt: TrainOptions, weights_dir: Path, backbone: str, device: torch.d
                 meta = None
                 log(f"not resuming from {newest.name}: {e}")
         if meta is not None:
-            base_version = int(meta["version"])
+            base_version, seen = int(meta["version"]), adapter_io.images_seen(meta)
     if not base_version and opt.kind == "3d":
-        seed_decoder_from_2d(model, weights_dir, backbone, log)
+        seen = adapter_io.images_seen(seed_decoder_from_2d(model, weights_dir, backbone, log))
     model.to(device)
     split = default_split(model.image_encoder)
     trainable = set(map(id, tail_adapter_parameters(model.image_encoder, split)))
@@ -78,18 +79,21 @@ def prepare(opt: TrainOptions, weights_dir: Path, backbone: str, device: torch.d
     params = [p for p in model.parameters() if p.requires_grad]
     log(f"training {sum(p.numel() for p in params)} adapter parameters (encoder stage {split}+ and decoder) "
         f"of {sum(p.numel() for p in model.parameters())}")
-    return StartingPoint(model, base_version, (versions[-1][0] if versions else 0) + 1, split, params)
+    return StartingPoint(model, base_version, (versions[-1][0] if versions else 0) + 1, split, params, seen)
 
 
-def seed_decoder_from_2d(model: PromptableSam, weights_dir: Path, backbone: str, log: Callable[[str], None]) -> None:
+def seed_decoder_from_2d(model: PromptableSam, weights_dir: Path, backbone: str, log: Callable[[str], None]) -> Optional[dict]:
     """A fresh 3d adapter starts with the newest 2d adapter's decoder part: that is where
-    clicks are learnt, and it does not depend on how the embeddings were computed."""
+    clicks are learnt, and it does not depend on how the embeddings were computed. Returns the
+    metadata of the file it took it from (None when it took nothing)."""
     versions = published_versions(weights_dir, "2d", backbone)
     if not versions:
-        return
+        return None
     payload = adapter_io.read_adapter_file(versions[-1][1])
     own = model.state_dict()
     taken = {k: v for k, v in payload["state_dict"].items() if k.startswith("mask_decoder.") and k in own and own[k].shape == v.shape}
     if taken and payload["meta"]["base_sha256"] == model.checkpoint_sha256:
         model.load_state_dict(taken, strict=False)
         log(f"3d decoder adapter initialised from {versions[-1][1].name} ({len(taken)} tensors)")
+        return payload["meta"]
+    return None
