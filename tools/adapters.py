@@ -1,28 +1,30 @@
 """Train the 2D and 3D adapters from the sample data, in one command: the recipe meant to
-rebuild the shipped adapters (it does not match them yet: see below).
+rebuild the shipped adapters (model_weights/README.md says how far it gets).
 
     python tools/adapters.py build [--samples .data/samples] [--out .data/adapters]
 
-About an hour on 2 CPU cores. Two training runs, one after the other, on the sample studies
-``ct_3mm`` and ``mr_3mm`` with their silver labels (``ct_dicom`` stays out: it is the held-out
-``ct_abdomen`` set of ``benchmarks/modalities.py``):
+About two hours on 2 CPU cores, on the sample studies ``ct_3mm`` and ``mr_3mm`` with their
+silver labels (``ct_dicom`` stays out: it is the held-out ``ct_abdomen`` set of
+``benchmarks/modalities.py``):
 
-1. the 2D adapter (Medical SAM Adapter), from identity;
+1. the 2D adapter (Medical SAM Adapter), from identity; then runs that continue from it with
+   other seeds, averaged with it (a "model soup": how the shipped 2D v4 was made);
 2. the 3D adapter (MA-SAM), from identity, its decoder adapters seeded from stage 1's.
 
-Each is published into ``--out`` as the next version of its kind, with the recipe's options in
-its metadata. The default folder is not ``model_weights/``: a server serves the newest version
-there, and nothing is measured or gated here. ``benchmarks/modalities.py`` measures the output
-against the shipped files; docs/experiments.md ("One command for the adapters") has what it
-gave: weaker clicks than the shipped files, so they were not replaced. Fixed epoch and step
-counts, no time budget, fixed seeds: a rerun repeats the same optimisation (floating-point sums
-on another CPU or thread count may differ in the last bits).
+Each stage's result is published into ``--out`` as the next version of its kind, with the
+recipe's options in its metadata (an average records every input's). The default folder is not
+``model_weights/``: a server serves the newest version there, and nothing is measured or gated
+here; ``benchmarks/modalities.py`` measures the output against the shipped files
+(docs/experiments.md). Fixed epoch and step counts, no time budget, fixed seeds: a rerun
+repeats the same optimisation, up to floating-point sums, which differ between CPUs and thread
+counts and then grow over a run's steps.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import shutil
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -37,6 +39,9 @@ RECIPE = (
     ("2d", dict(max_epochs=14)),  # the first half on cached embeddings (decoder adapters only)
     ("3d", dict(max_epochs=10, decoder_epochs=1, decoder_blocks=2, train_batch_size=1, steps_per_epoch=40)),
 )
+# continuations of a stage's result, one per seed, each in a folder of its own holding a copy of
+# it; the stage's result and theirs are averaged
+SOUP = {"2d": dict(seeds=(1, 2, 3), options=dict(resume=True, max_epochs=5))}
 
 
 def stage_options(kind: str, overrides: Optional[Dict] = None):
@@ -46,11 +51,36 @@ def stage_options(kind: str, overrides: Optional[Dict] = None):
     return TrainOptions(kind=kind, **fields)
 
 
+def _train(datalist, opt, folder: Path, log) -> Path:
+    from adaptsam.training.loop import AdapterTrainer
+
+    result = AdapterTrainer(datalist, opt, folder, "litemedsam", log=log).run()
+    if not result.published:
+        raise SystemExit(f"{opt.kind} run into {folder} published nothing")
+    return Path(result.published)
+
+
+def soup(kind: str, first: Path, datalist, out: Path, overrides: Optional[Dict], log) -> Path:
+    """Continue from `first` once per seed of SOUP[kind], then publish the average of `first`
+    and the continuations into `out` as the next version."""
+    from adaptsam.average import publish_average
+
+    runs = []
+    for seed in SOUP[kind]["seeds"]:
+        folder = out / "soup" / f"{kind}_seed{seed}"
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        shutil.copy2(first, folder)
+        opt = stage_options(kind, {**SOUP[kind]["options"], "seed": seed, **(overrides or {})})
+        log(f"== {kind} continuation, seed {seed}: {opt.to_dict()}")
+        runs.append(_train(datalist, opt, folder, log))
+    return publish_average([first, *runs], out)
+
+
 def build(samples_dir: Path, out: Path, overrides: Optional[Dict] = None, stages=tuple(dict(RECIPE)),
           log=print) -> List[Path]:
-    """Run the recipe's stages into `out`; the published files, in order. `overrides` and
-    `stages` (tests) replace option values in every stage and pick stages."""
-    from adaptsam.training.loop import AdapterTrainer
+    """Run the recipe's stages into `out`; each stage's result, in order. `overrides` and
+    `stages` (tests) replace option values in every run and pick stages."""
 
     if not samples.is_complete(samples_dir):
         raise SystemExit(f"no complete samples in {samples_dir}: run `make samples` first")
@@ -60,11 +90,11 @@ def build(samples_dir: Path, out: Path, overrides: Optional[Dict] = None, stages
     for kind in stages:
         opt = stage_options(kind, overrides)
         log(f"== stage {kind}: {opt.to_dict()}")
-        result = AdapterTrainer(datalist, opt, out, "litemedsam", log=log).run()
-        if not result.published:
-            raise SystemExit(f"stage {kind} published nothing")
-        published.append(Path(result.published))
-        log(f"== stage {kind}: {result.published}")
+        path = _train(datalist, opt, out, log)
+        if kind in SOUP:
+            path = soup(kind, path, datalist, out, overrides, log)
+        published.append(path)
+        log(f"== stage {kind}: {path}")
     return published
 
 
