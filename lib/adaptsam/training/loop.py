@@ -201,7 +201,7 @@ class AdapterTrainer:
         train_items, val_items = split_by_image(self.datalist, self.opt.val_split, self.opt.seed, start.images_seen)
         self.log(f"{len(train_items)} training and {len(val_items)} validation images")
         seen = sorted(Path(d["image"]).name for d in val_items if Path(d["image"]).name in start.images_seen)
-        if seen:  # every saved label was: the served version is measured on images it learnt from
+        if seen:  # only when every saved label was learnt from before: the served version is measured on its training data
             self.log(f"validation images the starting version trained on (the gate favours it there): {', '.join(seen)}")
         train, val = self.load(train_items), self.load(val_items)
         self.log(f"loaded {sum(len(v.slices) for v in train + val)} slices in {time.time() - t0:.0f} s")
