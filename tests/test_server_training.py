@@ -30,28 +30,19 @@ def client(url, name="trainer"):
     return MONAILabelClient(url, tmpdir=tempfile.mkdtemp(prefix=f"client-{name}-"), client_id=name)
 
 
-def wait_for_training(url, timeout=900):
-    """The latest training task once it has ended (DONE, ERROR or STOPPED)."""
+def wait_for_training(url, timeout=900, stop=False):
+    """The latest training task once it has ended (DONE, ERROR or STOPPED). `stop`: ask it to stop
+    on every poll: MONAI Label's DELETE kills the task's process tree, so one sent before the task
+    has spawned its process stops nothing."""
     deadline = time.time() + timeout
     while time.time() < deadline:
+        if stop:
+            requests.delete(f"{url}/train/", timeout=30)
         r = requests.get(f"{url}/train/", timeout=30)
         if r.status_code == 200 and r.json().get("status") in ("DONE", "ERROR", "STOPPED"):
             return r.json()
         time.sleep(2)
     raise TimeoutError("training did not finish")
-
-
-def stop_training(url, timeout=300):
-    """Stop the latest training task and return it once it has ended. MONAI Label's DELETE kills the
-    task's process tree, so one sent before the task has spawned its process stops nothing: repeat it."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        requests.delete(f"{url}/train/", timeout=30)
-        r = requests.get(f"{url}/train/", timeout=30)
-        if r.status_code == 200 and r.json().get("status") in ("DONE", "ERROR", "STOPPED"):
-            return r.json()
-        time.sleep(1)
-    raise TimeoutError("training did not stop")
 
 
 def infer_json(url, params, name="trainer", image=IMAGE):
@@ -187,7 +178,7 @@ def test_auto_train_waits_until_the_gate_has_a_label_to_measure_on(samples_dir, 
         assert requests.get(f"{url}/train/", timeout=30).status_code == 404  # nothing ran
         second = save_reference_as_final(url, samples_dir, "ct_3mm")
         assert second.get("auto_train", "").startswith("started"), second
-        assert stop_training(url)["status"] in ("STOPPED", "DONE")  # the run itself is not what this test is about
+        assert wait_for_training(url, stop=True)["status"] in ("STOPPED", "DONE")  # the run itself is not what this test is about
 
 
 def _partial_label(samples_dir, image_id, names, path):

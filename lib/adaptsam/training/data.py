@@ -109,6 +109,11 @@ def _keep_large_cross_sections(vs: VolumeSamples, fraction: float) -> None:
         sample.low_res = {v: m for v, m in sample.low_res.items() if int(m.sum()) >= fraction * largest[v]}
 
 
+def image_name(item: Dict) -> str:
+    """How adapter files name a datalist item's image (training_images, images_seen)."""
+    return Path(item["image"]).name
+
+
 def split_by_image(items: Sequence[Dict], val_split: float, seed: int,
                    seen: Collection[str] = ()) -> Tuple[List[Dict], List[Dict]]:
     """Validation images are whole images, never slices of a training image. They are drawn from
@@ -123,6 +128,6 @@ def split_by_image(items: Sequence[Dict], val_split: float, seed: int,
     shuffled = items[:]
     rng.shuffle(shuffled)
     n_val = min(len(items) - 1, max(1, int(round(val_split * len(items)))))
-    unseen = [i for i, d in enumerate(shuffled) if Path(d["image"]).name not in seen]
+    unseen = [i for i, d in enumerate(shuffled) if image_name(d) not in seen]
     held = set((unseen or range(len(shuffled)))[:n_val])
     return [d for i, d in enumerate(shuffled) if i not in held], [d for i, d in enumerate(shuffled) if i in held]

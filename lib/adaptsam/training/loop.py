@@ -33,7 +33,7 @@ from ..model import adapter_io
 from ..model.adapters import adapter_state_dict, set_adapter_training_mode
 from ..model.encoder_split import encode_head, encode_tail
 from . import distributed, gate, publish, starting_point, validation
-from .data import VolumeSamples, load_pair, split_by_image
+from .data import VolumeSamples, image_name, load_pair, split_by_image
 from .losses import round_loss
 from .options import TrainOptions
 from .simulation import Point, PromptSimulator, carve, points_tensor
@@ -200,7 +200,7 @@ class AdapterTrainer:
         served = validation.as_served(self.model, self.opt.kind, start.next_version, self.opt.num_slices)
         train_items, val_items = split_by_image(self.datalist, self.opt.val_split, self.opt.seed, start.images_seen)
         self.log(f"{len(train_items)} training and {len(val_items)} validation images")
-        seen = sorted(Path(d["image"]).name for d in val_items if Path(d["image"]).name in start.images_seen)
+        seen = sorted(image_name(d) for d in val_items if image_name(d) in start.images_seen)
         if seen:  # only when every saved label was learnt from before: the served version is measured on its training data
             self.log(f"validation images the starting version trained on (the gate favours it there): {', '.join(seen)}")
         train, val = self.load(train_items), self.load(val_items)

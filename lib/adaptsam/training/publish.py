@@ -10,6 +10,7 @@ from typing import Dict, Iterable, Sequence
 
 from ..engine.models import published_name
 from ..model import adapter_io
+from .data import image_name
 
 
 def write_json(path: Path, obj) -> None:
@@ -23,11 +24,11 @@ def write_json(path: Path, obj) -> None:
 
 def _save(model, path: Path, version: int, train_items, val_items, metrics, options, previous_version, seconds,
           seen_before) -> Path:
-    trained = [Path(d["image"]).name for d in train_items]
+    trained = [image_name(d) for d in train_items]
     adapter_io.save_adapters(
         path, model, version,
         training_images=trained,
-        validation_images=[Path(d["image"]).name for d in val_items],
+        validation_images=[image_name(d) for d in val_items],
         images_seen=sorted(set(seen_before) | set(trained)),
         metrics=metrics, options=options, previous_version=previous_version, train_seconds=round(seconds, 1),
     )
