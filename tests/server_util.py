@@ -10,15 +10,23 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Dict, Iterator, Optional
+from typing import Dict, Iterator, Optional, Tuple
 
 import requests
 
 from adaptsam.engine.allocator import MALLOC_ENV
+from adaptsam.engine.models import published_versions
 
 REPO = Path(__file__).resolve().parents[1]
 APP_DIR = REPO / "apps" / "adaptsam"
 WEIGHTS = REPO / "model_weights"  # the shipped adapters
+
+
+def shipped(kind: str = "2d", rollback: bool = False) -> Tuple[int, Path]:
+    """(version, file) of the shipped adapter of `kind` that a server serves, or of the one git
+    keeps before it for rollback."""
+    versions = published_versions(WEIGHTS, kind, "litemedsam")
+    return versions[-2] if rollback else versions[-1]
 
 
 def free_port() -> int:

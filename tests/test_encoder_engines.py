@@ -17,9 +17,10 @@ from adaptsam.engine.interactive import InteractiveSegmenter, Runtime
 from adaptsam.engine.metrics import bounding_box, largest_slice
 from adaptsam.engine.models import ModelHandle
 from adaptsam.engine.request import SegmentRequest
-from server_util import WEIGHTS
+from server_util import WEIGHTS, shipped
 
 IMAGE = "ct_dicom"
+SERVED = f"litemedsam/2d/v{shipped()[0]}"  # the served shipped 2D adapter, as answers name it
 
 
 def test_the_engine_choice():
@@ -66,15 +67,15 @@ def _masks(handle, samples_dir, boxes):
 def test_openvino_converts_in_the_background_and_answers_with_torchs_masks(samples_dir, ov_cache, tmp_path):
     weights = tmp_path / "weights"
     weights.mkdir()
-    shutil.copy2(WEIGHTS / "adaptsam_2d_litemedsam_v4.pt", weights)
+    shutil.copy2(shipped()[1], weights)
     converted = OpenVinoEncoders(ov_cache)
     handle = ModelHandle("2d", "litemedsam", weights, "cpu", engine="openvino", converted=converted)
     first = handle.current()
-    assert first.engine == "torch" and first.key == "litemedsam/2d/v4"  # torch answers while it converts
+    assert first.engine == "torch" and first.key == SERVED  # torch answers while it converts
     assert converted.wait(first.model, first.source, 1) is not None, converted.status()
     time.sleep(ModelHandle.CHECK_INTERVAL_S)
     served = handle.current()
-    assert served.engine == "openvino" and served.key == "litemedsam/2d/v4+openvino"
+    assert served.engine == "openvino" and served.key == SERVED + "+openvino"
     x = torch.rand(1, 3, served.model.input_size, served.model.input_size)
     assert torch.allclose(served.encode(x), first.encode(x), atol=1e-4)
     boxes = _boxes(samples_dir)
@@ -89,7 +90,7 @@ def test_openvino_converts_in_the_background_and_answers_with_torchs_masks(sampl
 def test_a_restart_reuses_the_conversion_and_another_version_gets_its_own(samples_dir, ov_cache, tmp_path):
     weights = tmp_path / "weights"
     weights.mkdir()
-    shutil.copy2(WEIGHTS / "adaptsam_2d_litemedsam_v4.pt", weights)
+    shutil.copy2(shipped()[1], weights)
     before = {p.name: p.stat().st_mtime_ns for p in ov_cache.glob("*.xml")}
     assert before, "run after the conversion test"
     converted = OpenVinoEncoders(ov_cache)  # a new server process
@@ -99,16 +100,16 @@ def test_a_restart_reuses_the_conversion_and_another_version_gets_its_own(sample
     assert converted.wait(serving.model, serving.source, 1) is not None
     assert time.time() - t0 < 20  # read from disk, not converted again
     assert {p.name: p.stat().st_mtime_ns for p in ov_cache.glob("*.xml")} == before
-    # another adapter version (3) is another encoder: never served from version 4's conversion
-    v3 = converted.key(serving.model, str(WEIGHTS / "adaptsam_2d_litemedsam_v3.pt"), 1)
-    assert v3 not in {p.stem for p in ov_cache.glob("*.xml")}
-    assert v3 != converted.key(serving.model, serving.source, 1) != converted.key(serving.model, None, 1)
+    # another adapter version (the rollback file) is another encoder: never served from this one's conversion
+    other = converted.key(serving.model, str(shipped(rollback=True)[1]), 1)
+    assert other not in {p.stem for p in ov_cache.glob("*.xml")}
+    assert other != converted.key(serving.model, serving.source, 1) != converted.key(serving.model, None, 1)
 
 
 def test_a_new_version_is_served_at_once_and_converted_behind(samples_dir, ov_cache, tmp_path):
     weights = tmp_path / "weights"
     weights.mkdir()
-    shutil.copy2(WEIGHTS / "adaptsam_2d_litemedsam_v4.pt", weights)
+    shutil.copy2(shipped()[1], weights)
     slow = []
 
     def slow_convert(key, model, batch):
@@ -118,21 +119,22 @@ def test_a_new_version_is_served_at_once_and_converted_behind(samples_dir, ov_ca
 
     converted = OpenVinoEncoders(ov_cache, convert=slow_convert)
     handle = ModelHandle("2d", "litemedsam", weights, "cpu", engine="openvino", converted=converted)
-    v4 = handle.current()
-    converted.wait(v4.model, v4.source, 1)
+    first = handle.current()
+    converted.wait(first.model, first.source, 1)
     time.sleep(ModelHandle.CHECK_INTERVAL_S)
     assert handle.current().engine == "openvino"
-    # a publication (other weights: the shipped v3's, as version 5's file)
-    shutil.copy2(WEIGHTS / "adaptsam_2d_litemedsam_v3.pt", weights / "adaptsam_2d_litemedsam_v5.pt")
+    # a publication (other weights: the shipped rollback file's, as the next version's file)
+    name = f"adaptsam_2d_litemedsam_v{shipped()[0] + 1}.pt"
+    shutil.copy2(shipped(rollback=True)[1], weights / name)
     time.sleep(ModelHandle.CHECK_INTERVAL_S)
-    v5 = handle.current()
-    key5 = converted.key(v5.model, v5.source, 1)
+    new = handle.current()
+    key = converted.key(new.model, new.source, 1)
     # served on torch while its conversion is still running: no click waits for it
-    assert v5.source.endswith("_v5.pt") and v5.engine == "torch" and converted.status()[key5] == "converting"
+    assert new.source.endswith(name) and new.engine == "torch" and converted.status()[key] == "converting"
     assert len(slow) == 2
-    assert converted.wait(v5.model, v5.source, 1) is not None
+    assert converted.wait(new.model, new.source, 1) is not None
     time.sleep(ModelHandle.CHECK_INTERVAL_S)
-    assert handle.current().source.endswith("_v5.pt") and handle.current().engine == "openvino"
+    assert handle.current().source.endswith(name) and handle.current().engine == "openvino"
 
 
 def test_a_failed_conversion_leaves_torch_serving(samples_dir, tmp_path):
@@ -153,7 +155,7 @@ def test_a_failed_conversion_leaves_torch_serving(samples_dir, tmp_path):
 def test_a_session_goes_on_when_the_converted_encoder_takes_over(samples_dir, ov_cache, tmp_path):
     weights = tmp_path / "weights"
     weights.mkdir()
-    shutil.copy2(WEIGHTS / "adaptsam_2d_litemedsam_v4.pt", weights)
+    shutil.copy2(shipped()[1], weights)
 
     def slow_convert(key, model, batch):
         time.sleep(2)
@@ -172,12 +174,12 @@ def test_a_session_goes_on_when_the_converted_encoder_takes_over(samples_dir, ov
                    client_id="reader")
     try:
         first = seg.segment(SegmentRequest(**request, foreground=[[int(v) for v in c] for c in clicks[:1]]))
-        assert first.model == "litemedsam/2d/v4"  # torch, while converting
+        assert first.model == SERVED  # torch, while converting
         converted.wait(handle.current().model, handle.current().source, 1)
         time.sleep(ModelHandle.CHECK_INTERVAL_S)
         second = seg.segment(SegmentRequest(**request, foreground=[[int(v) for v in c] for c in clicks]))
-        assert second.model == "litemedsam/2d/v4+openvino" and not second.embedding_cached  # torch's are not reused
-        session = runtime.sessions.get("reader", IMAGE, "liver", "litemedsam/2d/v4")
+        assert second.model == SERVED + "+openvino" and not second.embedding_cached  # torch's are not reused
+        session = runtime.sessions.get("reader", IMAGE, "liver", SERVED)
         assert len(session.history) == 2 and len(session.foreground) == 2  # the correction continued the session
     finally:
         runtime.stop()
@@ -202,6 +204,6 @@ def test_a_server_on_auto_serves_the_converted_encoder(samples_dir, tmp_path):
         r = requests.post(f"{url}/infer/adaptsam?image={IMAGE}&output=json", timeout=120,
                           data={"params": json.dumps({"label": boxes[0][0], "roi": [int(v) for v in boxes[0][1]], "mode": "slice"})})
         assert r.status_code == 200, r.text
-        assert r.json()["model"] == f"litemedsam/2d/v4+{engine}"
+        assert r.json()["model"] == f"{SERVED}+{engine}"
         served = requests.get(url + "/adaptsam/progress", timeout=30).json()["served"]["2d"]
         assert served["engine"] == served["wanted_engine"] == engine

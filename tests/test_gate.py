@@ -19,7 +19,7 @@ from adaptsam.evaluation.protocol import Protocol, summarise
 from adaptsam.evaluation.runner import Case, ModelSpec, base_spec, evaluate_models
 from adaptsam.model import adapter_io
 from adaptsam.training import gate
-from server_util import WEIGHTS
+from server_util import WEIGHTS, shipped
 
 STRUCTURES = ("liver", "spleen", "kidney_right")
 QUICK = Protocol(corrections=2, max_clicks=3, report_clicks=(1, 3))
@@ -36,10 +36,6 @@ def case(samples_dir, tmp_path_factory):
     nib.save(nib.Nifti1Image(out, affine), str(path))
     return {"image": str(samples.image_path(samples_dir, "mr_3mm")), "label": str(path),
             "names": {i: n for i, n in enumerate(STRUCTURES, 1)}}
-
-
-def shipped_2d():
-    return published_versions(WEIGHTS, "2d", "litemedsam")[-1][1]
 
 
 def test_judge_rules():
@@ -77,7 +73,7 @@ def test_better_candidate_published_worse_one_kept_and_pinnable(case, tmp_path):
     assert set(g.references) == {"base"}
     better = gate.candidate_path(weights, "2d", "litemedsam")
     better.parent.mkdir()
-    shutil.copy2(shipped_2d(), better)
+    shutil.copy2(shipped()[1], better)
     decision = g.decide(better)
     print(decision.reason, decision.by_box_decoder)
     assert decision.publish and decision.scores["candidate"]["score"] > decision.scores["base"]["score"]

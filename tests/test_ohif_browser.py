@@ -33,7 +33,7 @@ from scipy import ndimage
 import pacs
 import samples
 from adaptsam.engine.metrics import largest_slice
-from server_util import REPO, server_process
+from server_util import REPO, server_process, shipped
 
 E2E = REPO / "tests" / "e2e"
 SCRIPT = E2E / "ohif_check.mjs"
@@ -74,8 +74,7 @@ def browser_tools():
 def server(browser_tools, orthanc, tmp_path_factory):
     url, series, root = orthanc
     weights = tmp_path_factory.mktemp("weights-ohif")
-    for f in REPO.joinpath("model_weights").glob("adaptsam_2d_*_v4.pt"):
-        shutil.copy2(f, weights)
+    shutil.copy2(shipped()[1], weights)
     # OHIF's point request names no mode, so the server's default applies: one slice here (with
     # propagation every slice of the CT would be segmented on the CPU, minutes on a small machine)
     conf = {"auto_train_every": "0", "weights_dir": str(weights), "propagate": "false"}

@@ -28,7 +28,7 @@ from adaptsam.engine.metrics import bounding_box, largest_slice
 from adaptsam.engine.volume import Volume
 from adaptsam.model import adapter_io
 from adaptsam.server.datalist import open_datastore
-from server_util import free_port, running_server
+from server_util import free_port, running_server, shipped
 
 FAST_TRAIN = {"train_max_epochs": "1", "train_steps_per_epoch": "2", "train_train_batch_size": "2", "train_val_split": "0",
               "train_publish": "always"}
@@ -50,8 +50,7 @@ def server(orthanc, tmp_path_factory):
     weights = tmp_path_factory.mktemp("weights")
     env = pacs.server_env(url, root / "cache")
     conf = {"auto_train_every": "0", "weights_dir": str(weights), **FAST_TRAIN}
-    for f in Path(__file__).resolve().parents[1].joinpath("model_weights").glob("adaptsam_2d_*_v4.pt"):
-        shutil.copy2(f, weights)
+    shutil.copy2(shipped()[1], weights)
     with running_server(url, conf=conf, log=root / "server.log", env=env) as server_url:
         yield server_url, url, series, weights
 
