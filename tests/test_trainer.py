@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -23,6 +24,7 @@ from adaptsam.training.loop import AdapterTrainer
 from adaptsam.training.options import TrainOptions, add_arguments, from_args
 from adaptsam.training.simulation import carve
 from server_util import WEIGHTS
+from server_util import shipped as shipped_adapter
 
 
 def test_short_run_publishes_adapters_and_keeps_base_bit_identical(samples_dir, tmp_path, base_model):
@@ -48,6 +50,7 @@ def test_short_run_publishes_adapters_and_keeps_base_bit_identical(samples_dir, 
     meta = adapter_io.read_adapter_meta(versions[0][1])
     assert meta["version"] == 1 and meta["training_images"] and meta["validation_images"] and "best_val_dice" in meta["metrics"]
     assert meta["images_seen"] == sorted(meta["training_images"])  # started from identity: nothing learnt before
+    assert meta["started_from"] == {}
     assert meta["options"]["carve_clicks"] is True and meta["options"]["carry_logits"] is True
     assert adapter_io.serving_mode(meta)["box_decoder"] == "base"  # unmeasured: boxes by the base decoder
     payload = adapter_io.read_adapter_file(versions[0][1])
@@ -156,7 +159,7 @@ def test_validation_is_held_out_from_images_the_starting_version_never_learnt_fr
     """The gate compares a run's result with the version it started from, on the run's
     validation images: on an image that version trained on, it would be measured on its own
     training data. So validation images come from the rest while there are any."""
-    shipped = published_versions(WEIGHTS, "2d", "litemedsam")[-1][1]
+    shipped = shipped_adapter()[1]
     shutil.copy2(shipped, tmp_path)
     learnt = adapter_io.images_seen(adapter_io.read_adapter_meta(shipped))
     assert learnt  # the shipped file names the images it trained on
@@ -164,6 +167,9 @@ def test_validation_is_held_out_from_images_the_starting_version_never_learnt_fr
     for kind in ("2d", "3d"):
         start = starting_point.prepare(TrainOptions(kind=kind), tmp_path, "litemedsam", torch.device("cpu"), print)
         assert start.images_seen == learnt, kind
+        # the file it started from, named and checksummed for its result's metadata
+        assert start.started_from == {"file": shipped.name, "sha256": hashlib.sha256(shipped.read_bytes()).hexdigest(),
+                                      "version": shipped_adapter()[0], "part": "all" if kind == "2d" else "decoder"}, kind
     items = [{"image": f"/datastore/{name}", "label": f"/datastore/labels/{name}"} for name in sorted(learnt) + ["site_1.nii.gz"]]
     for seed in range(6):
         train, val = split_by_image(items, 0.5, seed, learnt)  # the share asks for 2: only 1 is honest

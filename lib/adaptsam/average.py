@@ -11,17 +11,12 @@ names the files it averages (with their SHA-256, options and training images).
 from __future__ import annotations
 
 import argparse
-import hashlib
 from pathlib import Path
 
 from .engine.models import published_name, published_versions
 from .model import adapter_io
 from .model.adapters import attach_adapters
-from .model.backbones import build_model
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+from .model.backbones import build_model, file_sha256
 
 
 def publish_average(paths, weights_dir: Path) -> Path:
@@ -44,7 +39,7 @@ def publish_average(paths, weights_dir: Path) -> Path:
         images_seen=sorted(set().union(*(adapter_io.images_seen(m) for m in metas))),
         # unmeasured: no box_decoder record, so its boxes go to the base decoder (engine/prompts.py)
         options={"carry_logits": adapter_io.serving_mode(first)["carry_logits"]},
-        averaged_from=[{"file": p.name, "sha256": _sha256(p), "version": m.get("version"),
+        averaged_from=[{"file": p.name, "sha256": file_sha256(p), "version": m.get("version"),
                         "previous_version": m.get("previous_version"), "options": m.get("options", {}),
                         "metrics": m.get("metrics", {}), "train_seconds": m.get("train_seconds")}
                        for p, m in zip(paths, metas)],

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, List, Optional, Set
+from typing import Callable, Dict, List, Optional, Set, Tuple
 
 import torch
 
 from ..engine.models import published_versions
 from ..model import adapter_io
 from ..model.adapters import AdapterConfig, attach_adapters, is_adapter_name
-from ..model.backbones import build_model
+from ..model.backbones import build_model, file_sha256
 from ..model.encoder_split import default_split, tail_adapter_parameters
 from ..model.sam import PromptableSam
 from .options import TrainOptions
@@ -31,6 +31,13 @@ class StartingPoint:
     split: int  # encoder stage where training starts
     params: List[torch.nn.Parameter]  # what trains
     images_seen: Set[str] = field(default_factory=set)  # images the starting weights learnt from
+    started_from: Dict = field(default_factory=dict)  # the file it took weights from ({}: identity)
+
+
+def origin(path: Path, meta: Dict, part: str) -> Dict:
+    """The file a run took weights from (`part`: all, a warm start into a grown layout, or the
+    decoder's), as its result's metadata records it: a rebuild can check it starts where this one did."""
+    return {"file": path.name, "sha256": file_sha256(path), "version": meta.get("version"), "part": part}
 
 
 def starting_layout(opt: TrainOptions, weights_dir: Path, backbone: str) -> AdapterConfig:
@@ -54,23 +61,25 @@ def prepare(opt: TrainOptions, weights_dir: Path, backbone: str, device: torch.d
     start = starting_layout(opt, weights_dir, backbone)
     cfg = AdapterConfig(kind=opt.kind, num_slices=opt.num_slices, decoder_blocks=opt.decoder_blocks or start.decoder_blocks)
     model = attach_adapters(build_model(backbone, weights_dir=weights_dir), cfg)
-    base_version, seen = 0, set()
+    base_version, seen, started_from = 0, set(), {}
     if opt.resume and versions:
-        newest = versions[-1][1]
+        newest, part = versions[-1][1], "all"
         try:
             meta = adapter_io.load_adapters(newest, model)
             log(f"resuming from {newest.name}")
         except adapter_io.AdapterMismatch as e:
             try:
-                meta = adapter_io.warm_start(newest, model)
+                meta, part = adapter_io.warm_start(newest, model), "warm start"
                 log(f"warm start from {newest.name} (new adapters start as identity)")
             except adapter_io.AdapterMismatch:
                 meta = None
                 log(f"not resuming from {newest.name}: {e}")
         if meta is not None:
-            base_version, seen = int(meta["version"]), adapter_io.images_seen(meta)
+            base_version, seen, started_from = int(meta["version"]), adapter_io.images_seen(meta), origin(newest, meta, part)
     if not base_version and opt.kind == "3d":
-        seen = adapter_io.images_seen(seed_decoder_from_2d(model, weights_dir, backbone, log))
+        seeded = seed_decoder_from_2d(model, weights_dir, backbone, log)
+        if seeded:
+            seen, started_from = adapter_io.images_seen(seeded[1]), origin(*seeded, "decoder")
     model.to(device)
     split = default_split(model.image_encoder)
     trainable = set(map(id, tail_adapter_parameters(model.image_encoder, split)))
@@ -79,13 +88,14 @@ def prepare(opt: TrainOptions, weights_dir: Path, backbone: str, device: torch.d
     params = [p for p in model.parameters() if p.requires_grad]
     log(f"training {sum(p.numel() for p in params)} adapter parameters (encoder stage {split}+ and decoder) "
         f"of {sum(p.numel() for p in model.parameters())}")
-    return StartingPoint(model, base_version, (versions[-1][0] if versions else 0) + 1, split, params, seen)
+    return StartingPoint(model, base_version, (versions[-1][0] if versions else 0) + 1, split, params, seen, started_from)
 
 
-def seed_decoder_from_2d(model: PromptableSam, weights_dir: Path, backbone: str, log: Callable[[str], None]) -> Optional[dict]:
+def seed_decoder_from_2d(model: PromptableSam, weights_dir: Path, backbone: str,
+                         log: Callable[[str], None]) -> Optional[Tuple[Path, Dict]]:
     """A fresh 3d adapter starts with the newest 2d adapter's decoder part: that is where
     clicks are learnt, and it does not depend on how the embeddings were computed. Returns the
-    metadata of the file it took it from (None when it took nothing)."""
+    file it took it from and its metadata (None when it took nothing)."""
     versions = published_versions(weights_dir, "2d", backbone)
     if not versions:
         return None
@@ -95,5 +105,5 @@ def seed_decoder_from_2d(model: PromptableSam, weights_dir: Path, backbone: str,
     if taken and payload["meta"]["base_sha256"] == model.checkpoint_sha256:
         model.load_state_dict(taken, strict=False)
         log(f"3d decoder adapter initialised from {versions[-1][1].name} ({len(taken)} tensors)")
-        return payload["meta"]
+        return versions[-1][1], payload["meta"]
     return None
