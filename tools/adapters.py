@@ -8,8 +8,9 @@ silver labels (``ct_dicom`` stays out: it is the held-out ``ct_abdomen`` set of
 ``benchmarks/modalities.py``):
 
 1. the 2D adapter (Medical SAM Adapter), from identity; then runs that continue from it with
-   other seeds, averaged with it (a "model soup": how the shipped 2D v4 was made);
-2. the 3D adapter (MA-SAM), from identity, its decoder adapters seeded from stage 1's.
+   other seeds, averaged with it (a "model soup"): the shipped 2D v5;
+2. the 3D adapter (MA-SAM), from identity, its decoder adapters seeded from stage 1's (measured
+   below the shipped 3D v5, which stays: docs/experiments.md).
 
 Each stage's result is published into ``--out`` as the next version of its kind, with the
 recipe's options in its metadata (an average records every input's). The default folder is not
