@@ -303,14 +303,13 @@ class AdapterTrainer:
                    else {"final_train_loss": round(-best, 4), **{f"train_{k}": v for k, v in stats.get("train_dice", {}).items()}})
         options = {**self.opt.to_dict(), "carry_logits": True}
         if self.opt.publish == "always":
-            path = publish.publish(self.model, self.weights_dir, self.opt.kind, self.backbone, start.next_version, train_items, val_items,
-                                   metrics, options, start.base_version, time.time() - t0, start.images_seen, start.started_from)
+            path = publish.publish(self.model, self.weights_dir, self.opt.kind, self.backbone, start, train_items, val_items,
+                                   metrics, options, time.time() - t0)
             self.log(f"published {path.name} without the gate (publish=always)")
             stats.update(adapter_version=start.next_version, published=path.name, gate={"publish": True, "reason": "publish=always: not measured"})
             return done(TrainResult(str(path), start.next_version, best, stats))
         candidate = gate.candidate_path(self.weights_dir, self.opt.kind, self.backbone)
-        publish.save_candidate(self.model, candidate, start.next_version, train_items, val_items, metrics, options,
-                               start.base_version, time.time() - t0, start.images_seen, start.started_from)
+        publish.save_candidate(self.model, candidate, start, train_items, val_items, metrics, options, time.time() - t0)
         decision = self.gate.decide(candidate)
         gate.record_box_decoder(candidate, decision.box_decoder)
         gate.write_report(candidate, decision)
