@@ -15,6 +15,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+import sample_conversion
 import samples
 from server_util import REPO
 
@@ -136,10 +137,10 @@ def test_label_onto_grid_undoes_reorientation(samples_dir):
     assert moved_array.shape != reference.shape
 
     expected = np.asanyarray(reference.dataobj)
-    exact = samples.label_onto_grid(moved_array, moved.affine, expected.shape, affine)
+    exact = sample_conversion.label_onto_grid(moved_array, moved.affine, expected.shape, affine)
     assert np.array_equal(exact, expected)
     to_label = np.linalg.inv(moved.affine) @ affine
-    assert np.array_equal(samples.nearest_neighbour(moved_array, to_label, expected.shape), expected)
+    assert np.array_equal(sample_conversion.nearest_neighbour(moved_array, to_label, expected.shape), expected)
 
 
 def test_second_fetch_is_fast_and_offline(samples_dir, tmp_path, monkeypatch):

@@ -27,6 +27,7 @@ Layout: ``DIR/<site>/studies/<id>.nii.gz`` (images only: a MONAI Label datastore
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import logging
 import sys
@@ -37,6 +38,7 @@ from typing import Dict, List, Tuple
 import nibabel as nib
 import numpy as np
 
+import sample_files as files
 import samples
 
 logger = logging.getLogger(__name__)
@@ -64,7 +66,7 @@ def default_sites_dir() -> Path:
 
 def _pip_download_nilearn(tmp: Path) -> Path:
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:", f"nilearn=={NILEARN_VERSION}", "-d", str(tmp)]
-    return samples._run_download(cmd, tmp, NILEARN_WHEEL, "The MR brain site comes from that PyPI package: PyPI", 600)
+    return files.run_download(cmd, tmp, NILEARN_WHEEL, "The MR brain site comes from that PyPI package: PyPI", 600)
 
 
 def _place(mask_img: nib.Nifti1Image, shape, affine) -> np.ndarray:
@@ -80,17 +82,17 @@ def _place(mask_img: nib.Nifti1Image, shape, affine) -> np.ndarray:
 
 
 def ct_chest(totalseg_members: Dict[str, bytes]) -> Tuple[np.ndarray, np.ndarray, np.ndarray, Dict[int, str]]:
-    image = samples._load_nifti_bytes(totalseg_members[CTA])
+    image = files.load_nifti_bytes(totalseg_members[CTA])
     array = np.asanyarray(image.dataobj).astype(np.int16)
     label = np.zeros(array.shape, np.uint8)
     for value, (_, member) in CTA_MASKS.items():  # later (smaller) structures win where they touch
-        label[_place(samples._load_nifti_bytes(totalseg_members[member]), array.shape, image.affine)] = value
+        label[_place(files.load_nifti_bytes(totalseg_members[member]), array.shape, image.affine)] = value
     return array, image.affine, label, {v: n for v, (n, _) in CTA_MASKS.items()}
 
 
 def mr_brain(wheel: Path):
     with zipfile.ZipFile(wheel) as z:
-        read = lambda kind: nib.Nifti1Image.from_bytes(samples.gzip.decompress(z.read(MNI.format(kind))))
+        read = lambda kind: nib.Nifti1Image.from_bytes(gzip.decompress(z.read(MNI.format(kind))))
         t1, gm, wm = read("t1"), read("gm"), read("wm")
     step = 2  # every second axial slice: a 2 mm series
     affine = t1.affine @ np.diag([1.0, 1.0, step, 1.0])
@@ -115,16 +117,16 @@ def write_site(root: Path, site: str, array: np.ndarray, affine: np.ndarray, lab
     for i, (a, b) in enumerate(slabs(label, SLABS)):
         image_id = f"{site}_{i}"
         shifted = affine @ np.array([[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, a], [0, 0, 0, 1]], dtype=float)
-        samples._write_nifti(root / site / "studies" / f"{image_id}.nii.gz", samples._nifti(np.ascontiguousarray(array[:, :, a:b]), shifted))
+        files.write_nifti(root / site / "studies" / f"{image_id}.nii.gz", files.nifti(np.ascontiguousarray(array[:, :, a:b]), shifted))
         part = np.ascontiguousarray(label[:, :, a:b])
-        samples._write_nifti(root / site / "reference" / f"{image_id}.nii.gz", samples._nifti(part, shifted))
+        files.write_nifti(root / site / "reference" / f"{image_id}.nii.gz", files.nifti(part, shifted))
         present = {int(v): names[int(v)] for v in np.unique(part) if v}
-        samples._write_json(root / site / "reference" / f"{image_id}.json",
+        files.write_json(root / site / "reference" / f"{image_id}.json",
                             {"shape": list(part.shape), "affine": shifted.tolist(), "labels": present, "quality": samples.SILVER})
         ids.append(image_id)
     meta = {"format": FORMAT, "site": site, "source": source, "structures": names,
             "annotate": [ids[i] for i in range(len(ids)) if i not in TEST_SLABS], "test": [ids[i] for i in TEST_SLABS]}
-    samples._write_json(root / site / "site.json", meta)
+    files.write_json(root / site / "site.json", meta)
     return meta
 
 
@@ -134,14 +136,14 @@ def build(root=None, cache_dir=None) -> Path:
     if marker.is_file() and marker.read_text().strip() == FORMAT:
         return root
     cache = Path(cache_dir) if cache_dir else samples.default_cache_dir()
-    totalseg = samples._cached(cache, samples.TOTALSEG_SDIST, samples.TOTALSEG_SHA256, samples._pip_download_totalsegmentator)
-    wheel = samples._cached(cache, NILEARN_WHEEL, NILEARN_SHA256, _pip_download_nilearn)
+    totalseg = files.cached(cache, samples.TOTALSEG_SDIST, samples.TOTALSEG_SHA256, samples.download_totalsegmentator)
+    wheel = files.cached(cache, NILEARN_WHEEL, NILEARN_SHA256, _pip_download_nilearn)
     wanted = {CTA} | {m for _, m in CTA_MASKS.values()}
-    members = samples._read_members(totalseg, lambda n: n in wanted)
+    members = files.read_members(totalseg, lambda n: n in wanted)
     marker.unlink(missing_ok=True)
     write_site(root, "ct_chest", *ct_chest(members), f"totalsegmentator=={samples.TOTALSEG_VERSION} {CTA} (silver)")
     write_site(root, "mr_brain", *mr_brain(wheel), f"nilearn=={NILEARN_VERSION} MNI ICBM152 2009 (probability maps >= 0.5)")
-    samples._write_bytes(marker, (FORMAT + "\n").encode())
+    files.write_bytes(marker, (FORMAT + "\n").encode())
     return root
 
 
