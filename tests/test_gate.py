@@ -21,21 +21,30 @@ from adaptsam.model import adapter_io
 from adaptsam.training import gate
 from server_util import WEIGHTS, shipped
 
-STRUCTURES = ("liver", "spleen", "kidney_right")
 QUICK = Protocol(corrections=2, max_clicks=3, report_clicks=(1, 3))
+
+
+def _saved_label(samples_dir, out_dir, structures):
+    """mr_3mm with some of its silver structures as the saved label (values 1..n, named)."""
+    label, affine, _ = samples.load_reference(samples_dir, "mr_3mm")
+    out = np.zeros(label.shape, np.uint8)
+    for i, name in enumerate(structures, 1):
+        out[label == samples.label_value(samples_dir, "mr_3mm", name)] = i
+    path = out_dir / f"mr_3mm_{'_'.join(structures)}.nii.gz"
+    nib.save(nib.Nifti1Image(out, affine), str(path))
+    return {"image": str(samples.image_path(samples_dir, "mr_3mm")), "label": str(path),
+            "names": {i: n for i, n in enumerate(structures, 1)}}
 
 
 @pytest.fixture(scope="module")
 def case(samples_dir, tmp_path_factory):
-    """mr_3mm with three of its silver structures as the saved label (values 1..3, named)."""
-    label, affine, names = samples.load_reference(samples_dir, "mr_3mm")
-    out = np.zeros(label.shape, np.uint8)
-    for i, name in enumerate(STRUCTURES, 1):
-        out[label == samples.label_value(samples_dir, "mr_3mm", name)] = i
-    path = tmp_path_factory.mktemp("gate") / "mr_3mm_label.nii.gz"
-    nib.save(nib.Nifti1Image(out, affine), str(path))
-    return {"image": str(samples.image_path(samples_dir, "mr_3mm")), "label": str(path),
-            "names": {i: n for i, n in enumerate(STRUCTURES, 1)}}
+    return _saved_label(samples_dir, tmp_path_factory.mktemp("gate"), ("liver", "spleen", "kidney_right"))
+
+
+@pytest.fixture(scope="module")
+def spleen(samples_dir, tmp_path_factory):
+    """One structure is enough for the gate's decisions; each measurement encodes its 12 slices."""
+    return _saved_label(samples_dir, tmp_path_factory.mktemp("gate"), ("spleen",))
 
 
 def test_judge_rules():
@@ -63,12 +72,12 @@ def test_the_gate_keeps_the_better_way_of_answering_boxes():
     assert not neither.publish and neither.box_decoder == "adapted"  # kept back, with its better way recorded
 
 
-def test_better_candidate_published_worse_one_kept_and_pinnable(case, tmp_path):
+def test_better_candidate_published_worse_one_kept_and_pinnable(spleen, tmp_path):
     weights = tmp_path / "weights"
     weights.mkdir()
     # nothing published yet: the reference is the base model; the shipped 2D adapter, which was
     # trained on this volume, is the "better" candidate
-    g = gate.Gate(weights, "2d", "litemedsam", [case], log=print, protocol=QUICK)
+    g = gate.Gate(weights, "2d", "litemedsam", [spleen], log=print, protocol=QUICK)
     g.measure_references()
     assert set(g.references) == {"base"}
     better = gate.candidate_path(weights, "2d", "litemedsam")
@@ -98,7 +107,7 @@ def test_better_candidate_published_worse_one_kept_and_pinnable(case, tmp_path):
     worse = gate.candidate_path(weights, "2d", "litemedsam")
     assert worse.name.endswith("_c2.pt")
     torch.save(payload, worse)
-    g = gate.Gate(weights, "2d", "litemedsam", [case], log=print, protocol=QUICK)
+    g = gate.Gate(weights, "2d", "litemedsam", [spleen], log=print, protocol=QUICK)
     g.measure_references()
     assert set(g.references) == {"base", "served"}
     decision = g.decide(worse)

@@ -3,8 +3,8 @@
 Cost on a CPU is what shapes this loop:
 - Only adapters in the encoder's last stage (and the decoder adapters) train. Earlier adapters
   stay at their zero init, so the activations entering the last stage are those of the frozen
-  base: they are computed once per slice, when first needed, and cached (fp16). A step then
-  runs only the last stage, the neck and the decoder, forward and backward.
+  base: they are computed once per slice, when first needed, and cached (activations.py). A
+  step then runs only the last stage, the neck and the decoder, forward and backward.
 - One image embedding serves several decoder passes: the first prompt, then `corrections`
   rounds of simulated clicks (simulation.py) with the previous logits as mask prompt. The
   decoder is cheap; the loss (losses.py) sums over all rounds.
@@ -22,17 +22,17 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
 
 from ..engine.allocator import keep_freed_memory
-from ..engine.encoder import window_group
 from ..model import adapter_io
 from ..model.adapters import adapter_state_dict, set_adapter_training_mode
-from ..model.encoder_split import encode_head, encode_tail
+from ..model.encoder_split import encode_tail
 from . import distributed, gate, publish, starting_point, validation
+from .activations import FrozenActivations
 from .data import VolumeSamples, image_name, load_pair, split_by_image
 from .losses import round_loss
 from .options import TrainOptions
@@ -86,36 +86,6 @@ class AdapterTrainer:
                     break
         return out
 
-    @torch.no_grad()
-    def ensure_heads(self, vs: VolumeSamples, slices) -> None:
-        """The frozen activations entering the trained stage, computed once per slice when first
-        needed (a short run touches few slices), in the windows the server encodes."""
-        n = self.opt.num_slices if self.opt.kind == "3d" else 4  # 3d adapters are shaped for stacks
-        for k in sorted(set(slices)):
-            if vs.slices[k].head is not None:
-                continue
-            group, _ = window_group(k, n, vs.depth)
-            batch = torch.stack([vs.slices[s].model_input.float() for s in group]).to(self.device)
-            heads = encode_head(self.model.image_encoder, self.model.normalize(batch), self.split)
-            for s, h in zip(group, heads):
-                if vs.slices[s].head is None:
-                    vs.slices[s].head = h.half().cpu()
-
-    @torch.no_grad()
-    def embed_all(self, volumes: List[VolumeSamples]) -> Dict[Tuple[int, int], torch.Tensor]:
-        """Embeddings of every slice with the current adapters, in the windows the server encodes."""
-        self.model.eval()
-        out = {}
-        for vs in volumes:
-            self.ensure_heads(vs, range(vs.depth))
-            for start in range(0, vs.depth, self.window_slices):
-                group, _ = window_group(start, self.window_slices, vs.depth)
-                heads = torch.stack([vs.slices[s].head for s in group]).float().to(self.device)
-                emb = encode_tail(self.model.image_encoder, heads, self.split)
-                for pos, s in enumerate(group):
-                    out.setdefault((id(vs), s), emb[pos].half().cpu())
-        return out
-
     # ---- one optimisation step ------------------------------------------------------------------
 
     def batch(self, pairs, embeddings: Optional[Dict] = None):
@@ -127,7 +97,7 @@ class AdapterTrainer:
             value = self.rng.choice(vs.slices[k].objects)
             window = [min(max(s, 0), vs.depth - 1) for s in range(k - n // 2, k - n // 2 + n)]
             if embeddings is None:
-                self.ensure_heads(vs, window)
+                self.activations.ensure(vs, window)
             for s in window:
                 sl = vs.slices[s]
                 heads.append(sl.head if embeddings is None else embeddings[(id(vs), s)])
@@ -195,6 +165,8 @@ class AdapterTrainer:
         t0 = time.time()
         start = starting_point.prepare(self.opt, self.weights_dir, self.backbone, self.device, self.log)
         self.model, self.split, self.params = start.model, start.split, start.params
+        # 3d adapters are shaped for stacks of num_slices; 2d slices are encoded four at a time
+        self.activations = FrozenActivations(self.model, self.split, self.opt.num_slices if self.opt.kind == "3d" else 4, self.device)
         self.low_res = self.model.mask_input_size[0]
         self.sim = PromptSimulator(self.rng, self.model.input_size, self.low_res, self.opt.protocol_clicks)
         served = validation.as_served(self.model, self.opt.kind, start.next_version, self.opt.num_slices)
@@ -215,9 +187,9 @@ class AdapterTrainer:
         bs = self.opt.train_batch_size
         steps = self.opt.steps_per_epoch or math.ceil(n_all / (bs * self.world_size))
         decoder_epochs = self.opt.max_epochs // 2 if self.opt.decoder_epochs < 0 else self.opt.decoder_epochs
-        embeddings = self.embed_all(train) if decoder_epochs > 0 else None
+        embeddings = self.activations.embed_all(train, self.window_slices) if decoder_epochs > 0 else None
         lead = self.rank == 0
-        validate = lambda: validation.validate(served, val, self.split, self.opt.val_pairs, self.device, self.ensure_heads) if val and lead else {}
+        validate = lambda: validation.validate(served, val, self.split, self.opt.val_pairs, self.device, self.activations.ensure) if val and lead else {}
         self.gate = gate.Gate(self.weights_dir, self.opt.kind, self.backbone, val_items, str(self.device), self.log)
         if lead and self.opt.publish == "gate" and self.gate.can_measure:
             self.gate.measure_references()
