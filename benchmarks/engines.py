@@ -45,12 +45,12 @@ import samples  # noqa: E402
 from adaptsam.engine.allocator import keep_freed_memory  # noqa: E402
 from adaptsam.engine.encoder_engines import OpenVinoEncoders, cpu_has_bf16, default_precision, resolve  # noqa: E402
 from adaptsam.engine.metrics import bounding_box, dice, largest_slice  # noqa: E402
-from adaptsam.engine.models import ModelHandle, published_versions  # noqa: E402
+from adaptsam.engine.models import ModelHandle  # noqa: E402
 from adaptsam.engine.predictor import SlicePredictor  # noqa: E402
 from adaptsam.engine.preprocess import SliceGeometry  # noqa: E402
 from adaptsam.engine.volume import Volume  # noqa: E402
 from adaptsam.evaluation.clicks import interior_point  # noqa: E402
-from server_util import copy_studies, server_process  # noqa: E402
+from server_util import copy_studies, server_process, shipped  # noqa: E402
 
 IMAGE, ORGAN, MODEL = "ct_dicom", "liver", "adaptsam"
 
@@ -158,7 +158,7 @@ def main(argv=None) -> int:
     correction = [int(v) for v in np.argwhere(truth[:, :, k])[len(np.argwhere(truth[:, :, k])) // 5]] + [k]
     b = bounding_box(truth)
     roi3d = [b[0], b[3], b[1], b[4], b[2], b[5]]
-    served_version = published_versions(REPO / "model_weights", "2d", "litemedsam")[-1][0]  # the torch server answers with it
+    served_version = shipped()[0]  # the torch server answers with it
     fast = "openvino-bf16" if default_precision() == "bf16" else "openvino"
     assert resolve("auto", "cpu") == "openvino", "auto picks torch here: nothing to compare"
     print(f"{os.cpu_count()} CPUs, bf16 {'yes' if cpu_has_bf16() else 'no'}; torch against {fast}; liver slice {k}, roi {roi3d}")

@@ -27,7 +27,6 @@ Layout: ``DIR/<site>/studies/<id>.nii.gz`` (images only: a MONAI Label datastore
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import logging
 import sys
@@ -92,7 +91,7 @@ def ct_chest(totalseg_members: Dict[str, bytes]) -> Tuple[np.ndarray, np.ndarray
 
 def mr_brain(wheel: Path):
     with zipfile.ZipFile(wheel) as z:
-        read = lambda kind: nib.Nifti1Image.from_bytes(gzip.decompress(z.read(MNI.format(kind))))
+        read = lambda kind: files.load_nifti_bytes(z.read(MNI.format(kind)))
         t1, gm, wm = read("t1"), read("gm"), read("wm")
     step = 2  # every second axial slice: a 2 mm series
     affine = t1.affine @ np.diag([1.0, 1.0, step, 1.0])
@@ -122,7 +121,7 @@ def write_site(root: Path, site: str, array: np.ndarray, affine: np.ndarray, lab
         files.write_nifti(root / site / "reference" / f"{image_id}.nii.gz", files.nifti(part, shifted))
         present = {int(v): names[int(v)] for v in np.unique(part) if v}
         files.write_json(root / site / "reference" / f"{image_id}.json",
-                            {"shape": list(part.shape), "affine": shifted.tolist(), "labels": present, "quality": samples.SILVER})
+                         {"shape": list(part.shape), "affine": shifted.tolist(), "labels": present, "quality": samples.SILVER})
         ids.append(image_id)
     meta = {"format": FORMAT, "site": site, "source": source, "structures": names,
             "annotate": [ids[i] for i in range(len(ids)) if i not in TEST_SLABS], "test": [ids[i] for i in TEST_SLABS]}
