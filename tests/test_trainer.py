@@ -7,6 +7,7 @@ import dataclasses
 import hashlib
 import json
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -154,6 +155,17 @@ def test_the_command_line_has_a_flag_per_option_and_requests_are_checked():
     assert TrainOptions.from_request({"max_epochs": "3", "resume": "false", "model": "adaptsam"}, "2d").max_epochs == 3
     with pytest.raises(ValueError, match="max_epochs"):
         TrainOptions.from_request({"max_epochs": "many"}, "2d")
+
+
+def test_the_time_budget_keeps_room_for_the_epoch_validation_that_follows_the_last_step(tmp_path):
+    """A run stops stepping early enough that the epoch's validation (which follows its last step)
+    still ends within `max_minutes`, not only the gate's measurement."""
+    trainer = AdapterTrainer([], TrainOptions(kind="2d", max_minutes=1.0), tmp_path)
+    started = time.time() - 45  # 15 s of the minute left
+    assert not trainer.over_budget(started)
+    trainer.validation_seconds = 20.0  # as long as the last validation took
+    assert trainer.over_budget(started)
+    assert not AdapterTrainer([], TrainOptions(kind="2d", max_minutes=0.0), tmp_path).over_budget(started - 3600)  # 0: none
 
 
 def test_validation_is_held_out_from_images_the_starting_version_never_learnt_from(tmp_path):

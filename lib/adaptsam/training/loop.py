@@ -64,6 +64,8 @@ class AdapterTrainer:
         self.device = torch.device(device)
         self.log = log or (lambda s: logger.info(s))
         self.rng = random.Random(options.seed * 1000 + rank)  # ranks simulate different prompts
+        self.gate: Optional[gate.Gate] = None
+        self.validation_seconds = 0.0  # the last validation's duration: the budget keeps room for one more
         torch.manual_seed(options.seed)
         np.random.seed(options.seed)
 
@@ -189,7 +191,13 @@ class AdapterTrainer:
         decoder_epochs = self.opt.max_epochs // 2 if self.opt.decoder_epochs < 0 else self.opt.decoder_epochs
         embeddings = self.activations.embed_all(train, self.window_slices) if decoder_epochs > 0 else None
         lead = self.rank == 0
-        validate = lambda: validation.validate(served, val, self.split, self.opt.val_pairs, self.device, self.activations.ensure) if val and lead else {}
+
+        def validate() -> Dict[str, float]:
+            t = time.time()
+            metrics = validation.validate(served, val, self.split, self.opt.val_pairs, self.device, self.activations.ensure) if val and lead else {}
+            self.validation_seconds = time.time() - t
+            return metrics
+
         self.gate = gate.Gate(self.weights_dir, self.opt.kind, self.backbone, val_items, str(self.device), self.log)
         if lead and self.opt.publish == "gate" and self.gate.can_measure:
             self.gate.measure_references()
@@ -211,7 +219,7 @@ class AdapterTrainer:
             for i in range(n_steps):
                 # single process: the budget also ends an epoch early (ranks of a distributed run
                 # must take the same steps, so they only stop between epochs)
-                if self.world_size == 1 and self._over_budget(t0):
+                if self.world_size == 1 and self.over_budget(t0):
                     out_of_time = True
                     break
                 batch = [pairs[(i * bs + j) % len(pairs)] for j in range(bs)]
@@ -238,19 +246,19 @@ class AdapterTrainer:
             self.log(f"epoch {epoch}/{self.opt.max_epochs} {stats['total_time']:.0f}s train {train_metrics} val {val_metrics}{' *' if improved else ''}")
             if self.stats_path and lead:
                 publish.write_json(self.stats_path, stats)
-            if self._over_budget(t0):
+            if self.over_budget(t0):
                 self.log(f"time budget of {self.opt.max_minutes} min reached")
                 break
         if not lead:
             return TrainResult(None, start.base_version, best, stats)
         return self._finish(start, best_state, best, stats, train_items, val_items, t0)
 
-    def _over_budget(self, t0: float) -> bool:
-        """Past the time budget, less what measuring the candidate at the gate will take (or
-        nobody is waiting for the result any more)."""
+    def over_budget(self, t0: float) -> bool:
+        """Past the time budget, less what the run still has to do after its last step (validate
+        the epoch, measure the candidate at the gate), or nobody waits for the result any more."""
         if not self.alive():
             return True
-        reserve = getattr(self, "gate", None).candidate_seconds if getattr(self, "gate", None) else 0.0
+        reserve = self.validation_seconds + (self.gate.candidate_seconds if self.gate else 0.0)
         return bool(self.opt.max_minutes) and time.time() - t0 > 60 * self.opt.max_minutes - reserve
 
     def _finish(self, start, best_state, best, stats, train_items, val_items, t0) -> TrainResult:
