@@ -28,7 +28,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 samples: setup
 	$(PY) tools/samples.py fetch $(SAMPLES)
 
-# 2D and 3D adapters trained from the sample studies by one fixed recipe (about two hours on 2 cores),
+# 2D and 3D adapters trained from the sample studies by one fixed recipe (about three hours on 2 cores),
 # published into ADAPTERS_OUT, which no server reads unless told: tools/adapters.py, model_weights/README.md
 ADAPTERS_OUT ?= .data/adapters
 adapters: samples

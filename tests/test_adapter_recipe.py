@@ -19,30 +19,29 @@ def _state(path):
 
 def test_the_recipe_trains_2d_then_3d_from_identity_on_the_training_studies_only(samples_dir, tmp_path, monkeypatch):
     assert "ct_dicom" not in adapters.TRAINING_STUDIES  # the held-out ct_abdomen set of benchmarks/modalities.py
-    # one continuation in the soup instead of three: the same chaining and averaging, fewer runs
-    assert len(adapters.SOUP["2d"]["seeds"]) > 1
-    monkeypatch.setitem(adapters.SOUP, "2d", {**adapters.SOUP["2d"], "seeds": adapters.SOUP["2d"]["seeds"][:1]})
+    # one continuation in each soup instead of three: the same chaining and averaging, fewer runs
+    for kind in ("2d", "3d"):
+        assert len(adapters.SOUP[kind]["seeds"]) > 1
+        monkeypatch.setitem(adapters.SOUP, kind, {**adapters.SOUP[kind], "seeds": adapters.SOUP[kind]["seeds"][:1]})
     lines = []
     files = adapters.build(samples_dir, tmp_path, TINY, log=lines.append)
-    # the 2D stage's run is v1; its soup (v1 and one continuation per seed, averaged) is v2
-    assert [f.name for f in files] == ["adaptsam_2d_litemedsam_v2.pt", "adaptsam_3d_litemedsam_v1.pt"]
+    # each stage's run is v1; its soup (v1 and one continuation per seed, averaged) is v2
+    assert [f.name for f in files] == ["adaptsam_2d_litemedsam_v2.pt", "adaptsam_3d_litemedsam_v2.pt"]
+    # the 3D stage starts from the 2D soup's decoder adapters, not from the 2D stage's first run
     assert any("3d decoder adapter initialised from adaptsam_2d_litemedsam_v2.pt" in line for line in lines)
-    soup = adapter_io.read_adapter_meta(files[0])
-    seeds = adapters.SOUP["2d"]["seeds"]
-    inputs = soup["averaged_from"]
-    assert [a["file"] for a in inputs] == ["adaptsam_2d_litemedsam_v1.pt"] + ["adaptsam_2d_litemedsam_v2.pt"] * len(seeds)
-    expected = adapters.stage_options("2d", TINY).to_dict()
-    assert {k: inputs[0]["options"][k] for k in expected} == expected and inputs[0]["options"]["resume"] is False
-    for a, seed in zip(inputs[1:], seeds):  # each continues from v1 with its own seed
-        assert a["options"]["seed"] == seed and a["options"]["resume"] is True and a["previous_version"] == 1
-    assert len({a["sha256"] for a in inputs}) == len(inputs)
-    meta3 = adapter_io.read_adapter_meta(files[1])
-    expected = adapters.stage_options("3d", TINY).to_dict()
-    assert {k: meta3["options"][k] for k in expected} == expected
-    assert meta3["options"]["resume"] is False and meta3["previous_version"] == 0
-    assert meta3["config"]["decoder_blocks"] == 2
-    for meta in (soup, meta3):
-        assert sorted(meta["training_images"]) == ["ct_3mm.nii.gz", "mr_3mm.nii.gz"]
+    for kind, path in zip(("2d", "3d"), files):
+        soup = adapter_io.read_adapter_meta(path)
+        seeds = adapters.SOUP[kind]["seeds"]
+        inputs = soup["averaged_from"]
+        assert [a["file"] for a in inputs] == [f"adaptsam_{kind}_litemedsam_v1.pt"] + [f"adaptsam_{kind}_litemedsam_v2.pt"] * len(seeds)
+        expected = adapters.stage_options(kind, TINY).to_dict()
+        assert {k: inputs[0]["options"][k] for k in expected} == expected
+        assert inputs[0]["options"]["resume"] is False and inputs[0]["previous_version"] == 0  # from identity
+        for a, seed in zip(inputs[1:], seeds):  # each continues from v1 with its own seed
+            assert a["options"]["seed"] == seed and a["options"]["resume"] is True and a["previous_version"] == 1
+        assert len({a["sha256"] for a in inputs}) == len(inputs)
+        assert sorted(soup["training_images"]) == ["ct_3mm.nii.gz", "mr_3mm.nii.gz"]
+    assert adapter_io.read_adapter_meta(files[1])["config"]["decoder_blocks"] == 2
 
     # a rerun (its 2D stage) gives the same tensors: fixed seeds and step counts, no time budget
     again = adapters.build(samples_dir, tmp_path / "again", TINY, stages=("2d",), log=lambda s: None)[0]

@@ -1,16 +1,16 @@
-"""Train the 2D and 3D adapters from the sample data, in one command: the recipe meant to
-rebuild the shipped adapters (model_weights/README.md says how far it gets).
+"""Train the 2D and 3D adapters from the sample data, in one command: the recipe that rebuilds
+the shipped adapters (up to floating-point sums: model_weights/README.md).
 
     python tools/adapters.py build [--samples .data/samples] [--out .data/adapters]
 
-About two hours on 2 CPU cores, on the sample studies ``ct_3mm`` and ``mr_3mm`` with their
-silver labels (``ct_dicom`` stays out: it is the held-out ``ct_abdomen`` set of
-``benchmarks/modalities.py``):
+About three hours on 2 CPU cores (2D 1 h, 3D 1 h 50 min), on the sample studies ``ct_3mm`` and
+``mr_3mm`` with their silver labels (``ct_dicom`` stays out: it is the held-out ``ct_abdomen``
+set of ``benchmarks/modalities.py``):
 
 1. the 2D adapter (Medical SAM Adapter), from identity; then runs that continue from it with
    other seeds, averaged with it (a "model soup"): the shipped 2D v5;
-2. the 3D adapter (MA-SAM), from identity, its decoder adapters seeded from stage 1's (measured
-   below the shipped 3D v5, which stays: docs/experiments.md).
+2. the 3D adapter (MA-SAM), from identity, its decoder adapters seeded from stage 1's soup; then
+   its own soup the same way: the shipped 3D v6.
 
 Each stage's result is published into ``--out`` as the next version of its kind, with the
 recipe's options in its metadata (an average records every input's). The default folder is not
@@ -42,7 +42,10 @@ RECIPE = (
 )
 # continuations of a stage's result, one per seed, each in a folder of its own holding a copy of
 # it; the stage's result and theirs are averaged
-SOUP = {"2d": dict(seeds=(1, 2, 3), options=dict(resume=True, max_epochs=5))}
+SOUP = {
+    "2d": dict(seeds=(1, 2, 3), options=dict(resume=True, max_epochs=5)),
+    "3d": dict(seeds=(1, 2, 3), options=dict(resume=True, max_epochs=4)),
+}
 
 
 def stage_options(kind: str, overrides: Optional[Dict] = None):
