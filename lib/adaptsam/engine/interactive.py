@@ -1,10 +1,11 @@
 """One interactive request: prompts in voxel indices -> a label volume. Orchestration only.
 
 Validate everything first (request.py), take the prompted slice's embedding from the cache (or
-encode that slice), let the session say what it continues from (sessions.py: its last answer on that slice,
-prompted or propagated, is the correction's starting point), decode the slice
-with the one prompt recipe (prompts.py), schedule the rest of the volume for background
-encoding, propagate in volume mode (propagation.py), and record the answer in the session.
+encode that slice), let the session say what it continues from (sessions.py: its last answer on
+that slice, prompted or propagated, is the correction's starting point), decode the slice with
+the one prompt recipe (prompts.py; negative clicks alone on a slice: rejection.py), schedule the
+rest of the volume for background encoding, propagate in volume mode (propagation.py), and
+record the answer in the session.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from .predictor import Prediction
 from .preprocess import in_plane_axes, put_slice, take_slice, voxel_to_plane
 from .prompts import SERVED, PromptPolicy, SlicePrompt, decode_slice
 from .propagation import PropagationPolicy, propagate
+from .rejection import drop_rejected, empty_answers, main_region_rejected, slices_after_rejection
 from .request import SegmentRequest, parse_clicks, parse_roi, parse_slice
 from .sessions import SessionStore
 from .uploads import HEADER_ROOM, check_inflated_size, header_shape
@@ -128,8 +130,15 @@ class InteractiveSegmenter:
                 previous=session.previous_logits((axis, k)) if continuing else None,
             )
             pred = decode_slice(serving, emb, geom, prompt, self.policy)
+            # negative clicks alone on a slice of an answer without a 3D box (rejection.py)
+            rejecting = bool(req.mode == "slice" and prompt.previous is not None and kbg and not kfg and roi is None and mask is None)
+            if rejecting:
+                pred = drop_rejected(pred, kbg, geom)
             timings["decode"] = time.perf_counter() - t
             preds = {k: pred}
+            if rejecting and main_region_rejected(previous_plane(prompt, geom), pred.mask, kbg):
+                cut = slices_after_rejection(k, shape[axis], [c[axis] for c in fg], clicks)
+                preds.update(empty_answers(cut, pred.mask.shape, pred.low_res_logits.shape[-1]))
 
             t = time.perf_counter()
             if req.mode == "volume" and self.propagate_enabled:
@@ -143,13 +152,15 @@ class InteractiveSegmenter:
                                        clicks, mask, self.propagation))
             timings["propagate"] = time.perf_counter() - t
 
+            editing = req.mode == "slice" and session.result is not None and session.result.shape == tuple(shape)
+            replaced = {(axis, s): take_slice(session.result, axis, s).copy() for s in preds} if editing else None
             label = assemble(preds, roi, axis, shape, session.result if req.mode == "slice" else None)
             answered = {(axis, s): p.low_res_logits for s, p in preds.items()}
             session.record(fg, bg, roi, answered, label, {
                 "foreground": [list(c) for c in fg], "background": [list(c) for c in bg],
                 "roi": [list(r) for r in roi] if roi is not None else None, "label": req.label,
                 "mode": req.mode, "axis": axis, "model": serving.key, "ts": time.time(),
-            }, replaces_all=req.mode == "volume")
+            }, replaces_all=req.mode == "volume", planes_before=replaced)
         self.runtime.sessions.commit(session)
         timings["total"] = time.perf_counter() - t0
         return SegmentResult(
@@ -175,6 +186,11 @@ def load_mask(path: str, shape) -> np.ndarray:
     if mvol.shape != tuple(shape):
         raise RequestError(f"uploaded label mask has shape {list(mvol.shape)}, the image has {list(shape)}", status_code=422)
     return mvol.array > 0
+
+
+def previous_plane(prompt: SlicePrompt, geom) -> np.ndarray:
+    """The answer a correction was made on, as the decoder was shown it (the session's logits)."""
+    return (geom.logits_to_plane(prompt.previous[0, 0]) > 0).cpu().numpy()
 
 
 def prompted_slice(req: SegmentRequest, fg, bg, roi, mask, axis: int, shape) -> int:

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from .errors import RequestError
+from .preprocess import put_slice
 
 Click = Tuple[int, int, int]
 SliceKey = Tuple[int, int]  # (axis, slice index)
@@ -41,6 +42,9 @@ class Step:
     roi: Optional[Roi]
     logits_before: Dict[SliceKey, Optional[torch.Tensor]]
     replaced_all: bool
+    # the result's planes a slice-mode step overwrote (bit-packed): a correction that cleared the
+    # slices beyond it (rejection.py) changes more than the slice that is decoded again on undo
+    planes_before: Dict[SliceKey, Tuple[Tuple[int, int], np.ndarray]] = field(default_factory=dict)
 
 
 @dataclass
@@ -81,6 +85,9 @@ class Session:
             return False
         step = self.history.pop()
         self.foreground, self.background, self.roi = list(step.foreground), list(step.background), step.roi
+        if self.result is not None:
+            for (axis, index), (shape, bits) in step.planes_before.items():
+                put_slice(self.result, axis, index, np.unpackbits(bits, count=shape[0] * shape[1]).reshape(shape))
         if step.replaced_all:
             self.logits = dict(step.logits_before)
         else:
@@ -102,12 +109,15 @@ class Session:
         self.history.clear()
 
     def record(self, foreground: Sequence[Click], background: Sequence[Click], roi: Optional[Roi],
-               logits: Dict[SliceKey, torch.Tensor], result: np.ndarray, prompts: Dict, replaces_all: bool) -> None:
+               logits: Dict[SliceKey, torch.Tensor], result: np.ndarray, prompts: Dict, replaces_all: bool,
+               planes_before: Optional[Dict[SliceKey, np.ndarray]] = None) -> None:
         """The answer to a request: becomes the state the next correction continues from.
         `logits`: the answer's low-res logits per slice; `replaces_all` when the answer is a
-        new volume (volume mode), not an edit of some slices (slice mode)."""
+        new volume (volume mode), not an edit of some slices (slice mode); `planes_before`: the
+        (rows, cols) planes of the result that an edit overwrote, which undo puts back."""
         before = dict(self.logits) if replaces_all else {key: self.logits.get(key) for key in logits}
-        self.history.append(Step(tuple(self.foreground), tuple(self.background), self.roi, before, replaces_all))
+        planes = {key: (plane.shape, np.packbits(plane > 0)) for key, plane in (planes_before or {}).items()}
+        self.history.append(Step(tuple(self.foreground), tuple(self.background), self.roi, before, replaces_all, planes))
         del self.history[:-MAX_STEPS]
         self.foreground, self.background, self.roi = list(foreground), list(background), _as_roi(roi)
         if replaces_all:
@@ -139,6 +149,7 @@ class Session:
         for step in self.history:
             tensors.update((id(t), t) for t in step.logits_before.values() if t is not None)
         n = sum(t.numel() * t.element_size() for t in tensors.values())
+        n += sum(bits.nbytes for step in self.history for _, bits in step.planes_before.values())
         return n + (self.result.nbytes if self.result is not None else 0)
 
 
