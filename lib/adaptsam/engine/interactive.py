@@ -136,7 +136,7 @@ class InteractiveSegmenter:
                 pred = drop_rejected(pred, kbg, geom)
             timings["decode"] = time.perf_counter() - t
             preds = {k: pred}
-            if rejecting and main_region_rejected(previous_plane(prompt, geom), pred.mask, kbg):
+            if rejecting and main_region_rejected(prompt.previous_mask(geom), pred.mask, kbg):
                 cut = slices_after_rejection(k, shape[axis], [c[axis] for c in fg], clicks)
                 preds.update(empty_answers(cut, pred.mask.shape, pred.low_res_logits.shape[-1]))
 
@@ -186,11 +186,6 @@ def load_mask(path: str, shape) -> np.ndarray:
     if mvol.shape != tuple(shape):
         raise RequestError(f"uploaded label mask has shape {list(mvol.shape)}, the image has {list(shape)}", status_code=422)
     return mvol.array > 0
-
-
-def previous_plane(prompt: SlicePrompt, geom) -> np.ndarray:
-    """The answer a correction was made on, as the decoder was shown it (the session's logits)."""
-    return (geom.logits_to_plane(prompt.previous[0, 0]) > 0).cpu().numpy()
 
 
 def prompted_slice(req: SegmentRequest, fg, bg, roi, mask, axis: int, shape) -> int:

@@ -80,6 +80,10 @@ class SlicePrompt:
     def clicks(self) -> int:
         return len(self.foreground) + len(self.background)
 
+    def previous_mask(self, geom: SliceGeometry) -> np.ndarray:
+        """The session's last answer on this slice, as the decoder is shown it (bool plane)."""
+        return (geom.logits_to_plane(self.previous[0, 0]) > 0).cpu().numpy()
+
 
 def mask_to_prompt(plane: Optional[np.ndarray], geom: SliceGeometry, low_res: int) -> Optional[torch.Tensor]:
     """A binary mask slice as SAM's dense prompt; None for an absent or empty plane."""
@@ -101,7 +105,7 @@ def decode_slice(serving: ServingModel, embedding: torch.Tensor, geom: SliceGeom
     if box is None and prompt.mask is not None and not prompt.clicks:
         box = bounding_box(prompt.mask)
     if box is None and prompt.mask is None and prompt.previous is not None and policy.guide_box and prompt.clicks:
-        box = guide_box((geom.logits_to_plane(prompt.previous[0, 0]) > 0).cpu().numpy(), fg)
+        box = guide_box(prompt.previous_mask(geom), fg)
     if box is None and mask_in is None and not prompt.clicks:
         raise RequestError("nothing to segment on this slice: no click, box or mask lies on it")
     adapted = serving.version > 0

@@ -26,15 +26,22 @@ from scipy import ndimage
 
 from .predictor import Prediction
 from .preprocess import SliceGeometry
+from .prompts import MASK_LOGIT
 
-EMPTY_LOGIT = -8.0  # a rejected region as the next correction's mask prompt: confidently outside
+# a rejected region as the next correction's mask prompt: confidently outside, as a drawn mask's outside
+EMPTY_LOGIT = -MASK_LOGIT
+
+
+def _region_at(regions: np.ndarray, click: Sequence[float]) -> int:
+    """The label of the region under a click (row, col); 0 outside every region."""
+    return int(regions[int(round(click[0])), int(round(click[1]))])
 
 
 def drop_rejected(pred: Prediction, negatives: Sequence[Sequence[float]], geom: SliceGeometry) -> Prediction:
     """`pred` without the connected regions that hold a negative click (row, col); their low-res
     logits set to outside, so a later correction on this slice starts from what is shown."""
     regions, _ = ndimage.label(pred.mask)
-    hit = {int(regions[int(round(r)), int(round(c))]) for r, c in negatives} - {0}
+    hit = {_region_at(regions, click) for click in negatives} - {0}
     if not hit:
         return pred
     removed = np.isin(regions, sorted(hit))
@@ -53,7 +60,7 @@ def main_region_rejected(previous: np.ndarray, answer: np.ndarray, negatives: Se
     if n == 0:
         return False
     main = 1 + int(np.argmax(np.bincount(regions.ravel())[1:]))
-    held = any(regions[int(round(r)), int(round(c))] == main for r, c in negatives)
+    held = any(_region_at(regions, click) == main for click in negatives)
     return held and not (answer & (regions == main)).any()
 
 
