@@ -221,7 +221,7 @@ class AdaptedTwoWayBlock(nn.Module):
         queries = self.norm1(queries)
 
         q = queries + query_pe
-        k = keys + key_pe
+        k = keys + key_pe  # also the image side's queries below: keys do not change until then
         queries = queries + self.cross_attn_token_to_image(q=q, k=k, v=keys)
         # query_pe holds the untouched prompt tokens after the output tokens.
         prompt = query_pe[:, self.num_output_tokens :].mean(dim=1)
@@ -230,7 +230,6 @@ class AdaptedTwoWayBlock(nn.Module):
         queries = self.norm3(queries + self.mlp(queries) + self.adapter_mlp(queries))
 
         q = queries + query_pe
-        k = keys + key_pe
         keys = self.norm4(keys + self.cross_attn_image_to_token(q=k, k=q, v=queries))
         return queries, keys
 

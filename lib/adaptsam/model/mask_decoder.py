@@ -1,10 +1,19 @@
-"""SAM's mask decoder, able to decode a batch of *different* images in one pass.
+"""SAM's mask decoder, able to decode a batch of *different* images in one pass, in fewer operations.
 
 `segment_anything`'s `MaskDecoder.predict_masks` assumes one image and many prompts: it repeats
 the image embedding once per prompt. Training (and 3D propagation) decode B slices with B
 prompts; repeating there would build B*B pairs. This subclass pairs embedding i with prompt i
 when the batch sizes match and otherwise keeps SAM's behaviour. Parameter names are unchanged.
-The pass is split in two public halves (attend, then masks) with the same operations in order.
+The pass is split in two public halves (attend, then masks).
+
+The arithmetic is SAM's, arranged for a CPU (a decoder pass is what every click waits for):
+- the image tokens stay one contiguous (B, h*w, C) array through the transformer (SAM's
+  permuted view made every add and projection over them copy first);
+- the cross-attentions fold their image-side projections into the few prompt tokens
+  (`decoder_attention.py`);
+- the output upscaling's two 2x2-stride-2 transposed convolutions are one matrix product per
+  input pixel each, channels last, and only the mask tokens asked for are made.
+Outputs agree with SAM's to float rounding (tests/test_decoder_speed.py).
 """
 
 from __future__ import annotations
@@ -13,18 +22,29 @@ from dataclasses import dataclass
 from typing import Tuple
 
 import torch
+import torch.nn.functional as F
 
+from .decoder_attention import ImageToTokenAttention, TokenToImageAttention
 from .sam_modeling import MaskDecoder
 
 
 class BatchedMaskDecoder(MaskDecoder):
-    def predict_masks(
-        self,
-        image_embeddings: torch.Tensor,
-        image_pe: torch.Tensor,
-        sparse_prompt_embeddings: torch.Tensor,
-        dense_prompt_embeddings: torch.Tensor,
-    ) -> Tuple[torch.Tensor, torch.Tensor]:
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        for block in self.transformer.layers:
+            TokenToImageAttention.adopt(block.cross_attn_token_to_image)
+            ImageToTokenAttention.adopt(block.cross_attn_image_to_token)
+        TokenToImageAttention.adopt(self.transformer.final_attn_token_to_image)
+
+    def forward(self, image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings,
+                multimask_output: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+        """SAM's forward: the first mask token's answer, or the multimask tokens' answers."""
+        state = self.attend(image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings)
+        tokens = slice(1, None) if multimask_output else slice(0, 1)
+        return self.masks_of(state, tokens=tokens), self.iou_of(state)[:, tokens]
+
+    def predict_masks(self, image_embeddings, image_pe, sparse_prompt_embeddings,
+                      dense_prompt_embeddings) -> Tuple[torch.Tensor, torch.Tensor]:
         state = self.attend(image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings)
         return self.masks_of(state), self.iou_of(state)
 
@@ -32,7 +52,8 @@ class BatchedMaskDecoder(MaskDecoder):
     # paying for the output upscaling of the ones they keep (engine/first_click.py).
 
     def attend(self, image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings) -> "Attended":
-        """The two-way transformer over image and prompt tokens (most of a decoder pass)."""
+        """The two-way transformer over image and prompt tokens (most of a decoder pass):
+        `TwoWayTransformer.forward` with the image tokens contiguous."""
         n_prompts = sparse_prompt_embeddings.shape[0]
         output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
         tokens = torch.cat((output_tokens.unsqueeze(0).expand(n_prompts, -1, -1), sparse_prompt_embeddings), dim=1)
@@ -42,26 +63,43 @@ class BatchedMaskDecoder(MaskDecoder):
         else:  # SAM's case: one image, several prompts
             src = torch.repeat_interleave(image_embeddings, n_prompts, dim=0)
         src = src + dense_prompt_embeddings
-        pos_src = image_pe.expand(n_prompts, -1, -1, -1)
         shape = src.shape
-        hs, src = self.transformer(src, pos_src, tokens)
-        return Attended(hs, src, shape)
+        keys = src.flatten(2).transpose(1, 2).contiguous()  # (B, h*w, C)
+        key_pe = image_pe.flatten(2).transpose(1, 2).contiguous().expand(n_prompts, -1, -1)
+
+        transformer = self.transformer
+        queries = tokens
+        for layer in transformer.layers:
+            queries, keys = layer(queries=queries, keys=keys, query_pe=tokens, key_pe=key_pe)
+        attn_out = transformer.final_attn_token_to_image(q=queries + tokens, k=keys + key_pe, v=keys)
+        hs = transformer.norm_final_attn(queries + attn_out)
+        return Attended(hs, keys, shape)
 
     def iou_of(self, state: "Attended") -> torch.Tensor:
         """(B, 1 + num_mask_tokens - 1) predicted IoU of every mask token."""
         return self.iou_prediction_head(state.hs[:, 0, :])
 
-    def masks_of(self, state: "Attended", rows: slice = slice(None)) -> torch.Tensor:
-        """(b, num_mask_tokens, 4h, 4w) logits of the prompts in `rows`."""
-        b, c, h, w = state.shape
+    def masks_of(self, state: "Attended", rows: slice = slice(None), tokens: slice = slice(None)) -> torch.Tensor:
+        """(b, mask tokens, 4h, 4w) logits of the prompts in `rows` for the mask tokens in `tokens`."""
+        _, c, h, w = state.shape
         hs, src = state.hs[rows], state.src[rows]
-        mask_tokens_out = hs[:, 1 : 1 + self.num_mask_tokens, :]
-        upscaled = self.output_upscaling(src.transpose(1, 2).reshape(hs.shape[0], c, h, w))
-        hyper_in = torch.stack(
-            [mlp(mask_tokens_out[:, i, :]) for i, mlp in enumerate(self.output_hypernetworks_mlps)], dim=1
-        )
-        n, c, h, w = upscaled.shape
-        return (hyper_in @ upscaled.view(n, c, h * w)).view(n, -1, h, w)
+        n = hs.shape[0]
+        conv1, norm, act1, conv2, act2 = self.output_upscaling
+        # A transposed convolution with kernel 2 and stride 2 maps each input pixel to its own
+        # 2x2 outputs: one product with the weight as (C_in, 2*2*C_out), rows in pixel order.
+        c1, c2 = conv1.out_channels, conv2.out_channels
+        w1 = conv1.weight.permute(0, 2, 3, 1).reshape(c, 4 * c1)
+        up = torch.addmm(conv1.bias.repeat(4), src.reshape(-1, c), w1).view(n, -1, c1)
+        up = act1(F.layer_norm(up, (c1,), norm.weight, norm.bias, norm.eps))  # LayerNorm2d, channels last
+        w2 = conv2.weight.permute(0, 2, 3, 1).reshape(c1, 4 * c2)
+        up = act2(torch.addmm(conv2.bias.repeat(4), up.reshape(-1, c1), w2)).view(n, -1, c2)
+
+        picked = range(self.num_mask_tokens)[tokens]
+        hyper_in = torch.stack([self.output_hypernetworks_mlps[i](hs[:, 1 + i, :]) for i in picked], dim=2)
+        masks = torch.bmm(up, hyper_in)  # (n, h*w*16, tokens), rows ordered (i, j, a1, b1, a2, b2)
+        # output pixel (4i + 2*a1 + a2, 4j + 2*b1 + b2)
+        masks = masks.view(n, h, w, 2, 2, 2, 2, len(picked)).permute(0, 7, 1, 3, 5, 2, 4, 6)
+        return masks.reshape(n, len(picked), 4 * h, 4 * w)
 
 
 @dataclass

@@ -59,11 +59,25 @@ class PromptableSam(Sam):
         sparse, dense = self.prompt_encoder(points=points, boxes=boxes, masks=mask_input)
         return self.decoder(adapted_decoder)(
             image_embeddings=embeddings,
-            image_pe=self.prompt_encoder.get_dense_pe(),
+            image_pe=self.dense_pe(),
             sparse_prompt_embeddings=sparse,
             dense_prompt_embeddings=dense,
             multimask_output=multimask,
         )
+
+    def dense_pe(self) -> torch.Tensor:
+        """The prompt encoder's positional encoding of the image grid, made once: it depends only
+        on a fixed random buffer (remade if that buffer is loaded anew or moved)."""
+        gaussian = self.prompt_encoder.pe_layer.positional_encoding_gaussian_matrix
+        key = (gaussian.device, gaussian.data_ptr(), gaussian._version)
+        cached = self.__dict__.get("_dense_pe")
+        if cached is None or cached[0] != key:
+            # a normal tensor even when first asked for inside inference_mode: training in the
+            # same process may use it
+            with torch.inference_mode(False), torch.no_grad():
+                cached = (key, self.prompt_encoder.get_dense_pe())
+            self.__dict__["_dense_pe"] = cached
+        return cached[1]
 
     def decoder(self, adapted: bool = True) -> nn.Module:
         """The mask decoder; adapted=False: the same decoder with each adapter-wrapped block
@@ -92,5 +106,5 @@ class PromptableSam(Sam):
         asked: answers never looked at skip the output upscaling. Same operations as `decode`."""
         sparse, dense = self.prompt_encoder(points=points, boxes=boxes, masks=None)
         decoder = self.mask_decoder
-        state = decoder.attend(embeddings, self.prompt_encoder.get_dense_pe(), sparse, dense)
-        return decoder.iou_of(state)[:, 0], lambda i: decoder.masks_of(state, slice(i, i + 1))[:, :1]
+        state = decoder.attend(embeddings, self.dense_pe(), sparse, dense)
+        return decoder.iou_of(state)[:, 0], lambda i: decoder.masks_of(state, slice(i, i + 1), tokens=slice(0, 1))

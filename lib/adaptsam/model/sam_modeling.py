@@ -49,6 +49,7 @@ TwoWayTransformer = _modeling.TwoWayTransformer
 LayerNorm2d = sys.modules[f"{_NAME}.common"].LayerNorm2d
 ViTBlock = sys.modules[f"{_NAME}.image_encoder"].Block
 TwoWayAttentionBlock = sys.modules[f"{_NAME}.transformer"].TwoWayAttentionBlock
+Attention = sys.modules[f"{_NAME}.transformer"].Attention
 window_partition = sys.modules[f"{_NAME}.image_encoder"].window_partition
 window_unpartition = sys.modules[f"{_NAME}.image_encoder"].window_unpartition
 
@@ -61,6 +62,7 @@ __all__ = [
     "LayerNorm2d",
     "ViTBlock",
     "TwoWayAttentionBlock",
+    "Attention",
     "window_partition",
     "window_unpartition",
 ]
