@@ -71,6 +71,7 @@ browser:
 benchmark: samples
 	ADAPTSAM_SAMPLES=$(abspath $(SAMPLES)) $(PY) benchmarks/interactive.py
 	ADAPTSAM_SAMPLES=$(abspath $(SAMPLES)) $(PY) benchmarks/engines.py
+	ADAPTSAM_SAMPLES=$(abspath $(SAMPLES)) $(PY) benchmarks/decoder.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache tests/e2e/node_modules tests/artifacts

@@ -6,8 +6,6 @@ prompt shape the server and the trainer send, and with the same gradients for tr
 
 from __future__ import annotations
 
-import contextlib
-
 import nibabel as nib
 import numpy as np
 import pytest
@@ -18,7 +16,7 @@ from adaptsam.model import adapter_io
 from adaptsam.model.adapters import attach_adapters
 from adaptsam.model.backbones import build_model
 from adaptsam.model.decoder_attention import ImageToTokenAttention, TokenToImageAttention
-from adaptsam.model.sam_modeling import Attention, MaskDecoder
+from adaptsam.model.mask_decoder import computing_as_sam
 from adaptsam.engine.preprocess import intensity_window, normalize_volume, take_slice
 from adaptsam.engine.predictor import SlicePredictor
 from server_util import WEIGHTS
@@ -26,24 +24,10 @@ from server_util import WEIGHTS
 ADAPTER = WEIGHTS / "adaptsam_2d_litemedsam_v5.pt"
 
 
-@contextlib.contextmanager
 def sams_own_arithmetic(model):
-    """The decoder computing exactly as `segment_anything` does: its Attention and predict_masks."""
-    layers = [m for m in model.mask_decoder.modules() if isinstance(m, (TokenToImageAttention, ImageToTokenAttention))]
-    classes = [type(m) for m in layers]
-    assert len(layers) == 5  # two blocks' two cross-attentions and the final one
-    decoder_class = type(model.mask_decoder)
-    own = decoder_class.predict_masks, decoder_class.forward
-    try:
-        for m in layers:
-            m.__class__ = Attention
-        # MaskDecoder.forward calls self.predict_masks: SAM's, with the upscaling as convolutions
-        decoder_class.predict_masks, decoder_class.forward = MaskDecoder.predict_masks, MaskDecoder.forward
-        yield
-    finally:
-        for m, cls in zip(layers, classes):
-            m.__class__ = cls
-        decoder_class.predict_masks, decoder_class.forward = own
+    """SAM's `MaskDecoder.predict_masks` and `Attention`, unchanged, on the same module."""
+    assert sum(isinstance(m, (TokenToImageAttention, ImageToTokenAttention)) for m in model.mask_decoder.modules()) == 5
+    return computing_as_sam(model.mask_decoder)
 
 
 @pytest.fixture(scope="module")

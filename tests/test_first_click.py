@@ -74,16 +74,17 @@ def test_served_first_click_is_the_proposal_with_the_highest_predicted_iou_that_
     inside = [candidates[0]] + [p for p in candidates[1:] if p.mask[int(rc[0]), int(rc[1])]]  # answers holding the click
     best = max(inside, key=lambda p: p.iou)
     chosen = answer_lone_click(predictor, emb, geom, rc)
-    assert chosen.iou == best.iou and np.array_equal(chosen.mask, best.mask)
+    # the served answer decodes the boxes as one batch: equal up to float rounding
+    assert abs(chosen.iou - best.iou) < 1e-4 and dice(chosen.mask, best.mask) > 0.999
     assert np.array_equal(served[True], chosen.mask)
     assert np.array_equal(served[False], plain.mask)  # the policy switched off
     plane_truth = take_slice(truth[:, :, k : k + 1], 2, 0)
     print(f"liver, one click: plain {dice(plain.mask, plane_truth):.3f}, through boxes {dice(chosen.mask, plane_truth):.3f}")
     assert chosen.iou > plain.iou  # the liver's first answer is a blob: a box around it wins
-    # the GPU's way (the box passes as one batched decoder call) chooses the same answer
-    batched = answer_lone_click(predictor, emb, geom, rc, batched=True)
-    assert abs(batched.iou - chosen.iou) < 1e-4 and dice(batched.mask, chosen.mask) > 0.999
-    assert np.array_equal(batched.low_res_logits.shape, chosen.low_res_logits.shape)
+    # the box passes one by one instead of as one batched decoder call choose the same answer
+    looped = answer_lone_click(predictor, emb, geom, rc, batched=False)
+    assert abs(looped.iou - chosen.iou) < 1e-4 and dice(looped.mask, chosen.mask) > 0.999
+    assert np.array_equal(looped.low_res_logits.shape, chosen.low_res_logits.shape)
 
 
 @pytest.mark.slow

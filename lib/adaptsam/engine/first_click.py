@@ -10,16 +10,15 @@ competes; an answer without the click segmented something else, such as the vert
 spinal-cord click). Five more decoder passes, on the first click of a slice only. How this was
 chosen against other candidates: docs/experiments.md.
 
-The candidates are ranked by the IoU head before their masks are made: the output upscaling (a
-quarter of a pass) is paid only for the answers looked at, usually one or two. On a GPU the five
-box passes are one batched decoder call. On a CPU they run one after the other: two cores spend
-the same time per prompt in a batch (the decoder's transformer over the 64x64 image tokens is
-most of a pass, and it is repeated per prompt).
+The candidates are ranked by the IoU head before their masks are made: the output upscaling is
+paid only for the answers looked at, usually one or two. The five box passes are one batched
+decoder call: with the decoder's folded arithmetic (model/mask_decoder.py) a batch costs less
+than the passes one by one on a CPU as well (benchmarks/decoder.py; docs/experiments.md).
 """
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Sequence, Tuple
 
 import numpy as np
 
@@ -45,13 +44,11 @@ def proposal_boxes(mask: np.ndarray, scales: Sequence[float] = SCALES) -> List[T
 
 
 def answer_lone_click(predictor: SlicePredictor, embedding, geom: SliceGeometry, click: Sequence[int],
-                      scales: Sequence[float] = SCALES, batched: Optional[bool] = None) -> Prediction:
+                      scales: Sequence[float] = SCALES, batched: bool = True) -> Prediction:
     """The reply to one positive click (row, col) on a slice with no other prompt; `batched`:
-    the box passes as one decoder call (default: on a GPU)."""
+    the box passes as one decoder call (False: one by one, the same answer)."""
     first = predictor.predict(embedding, geom, foreground=[click])
     r, c = int(round(click[0])), int(round(click[1]))
-    if batched is None:
-        batched = predictor.device.type == "cuda"
     ranked = predictor.rank_boxes(embedding, geom, proposal_boxes(first.mask, scales), foreground=[click], batched=batched)
     # the best predicted IoU that holds the click, and beats the first answer; ties go to the
     # smaller box. Only the answers looked at here pay for their masks.

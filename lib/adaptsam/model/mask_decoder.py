@@ -18,14 +18,15 @@ Outputs agree with SAM's to float rounding (tests/test_decoder_speed.py).
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Tuple
+from typing import Iterator, Tuple
 
 import torch
 import torch.nn.functional as F
 
 from .decoder_attention import ImageToTokenAttention, TokenToImageAttention
-from .sam_modeling import MaskDecoder
+from .sam_modeling import Attention, MaskDecoder
 
 
 class BatchedMaskDecoder(MaskDecoder):
@@ -107,3 +108,22 @@ class Attended:
     hs: torch.Tensor  # (B, tokens, C) prompt-side output
     src: torch.Tensor  # (B, h*w, C) image-side output
     shape: torch.Size  # (B, C, h, w) of the image side
+
+
+@contextlib.contextmanager
+def computing_as_sam(decoder: BatchedMaskDecoder) -> Iterator[None]:
+    """Inside: every BatchedMaskDecoder computes with `segment_anything`'s own `predict_masks`,
+    `forward` and `Attention` (the reference the tests and benchmarks/decoder.py compare with).
+    Not for serving: it changes the class for every model in the process."""
+    folded = [m for m in decoder.modules() if isinstance(m, (TokenToImageAttention, ImageToTokenAttention))]
+    classes = [type(m) for m in folded]
+    own = BatchedMaskDecoder.predict_masks, BatchedMaskDecoder.forward
+    try:
+        for m in folded:
+            m.__class__ = Attention
+        BatchedMaskDecoder.predict_masks, BatchedMaskDecoder.forward = MaskDecoder.predict_masks, MaskDecoder.forward
+        yield
+    finally:
+        for m, cls in zip(folded, classes):
+            m.__class__ = cls
+        BatchedMaskDecoder.predict_masks, BatchedMaskDecoder.forward = own
