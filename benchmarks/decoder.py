@@ -7,7 +7,8 @@ interleaved request by request so that machine drift hits both.
 
 On the liver of ct_dicom (512x512x20) with the served 2D adapter, every slice's embedding cached:
   decoder_pass  one decoder pass: a positive click on the liver's largest slice
-  lone_click    the served lone first click (engine/first_click.py: the click, then boxes)
+  lone_click    the served lone first click (engine/first_click.py: the click, then boxes
+                as one batched decoder call); lone_click_one_by_one: the boxes one at a time
   correction    a second click with the first answer's logits (what a warm correction decodes)
   propagation   the liver's 3D box through InteractiveSegmenter (volume mode): 20 slices decoded
 Each row: p50 / p95 ms per arithmetic, the ratio, and the mask agreement (Dice, min) between them.
@@ -85,6 +86,9 @@ def main(argv=None) -> int:
     def lone_click():
         return answer_lone_click(predictor, emb, geom, click).mask
 
+    def lone_click_one_by_one():
+        return answer_lone_click(predictor, emb, geom, click, batched=False).mask
+
     first = predictor.predict(emb, geom, foreground=[click])
 
     def correction_pass():
@@ -99,6 +103,7 @@ def main(argv=None) -> int:
         return segmenter.segment(req).label > 0
 
     measures: Dict[str, Callable[[], np.ndarray]] = {"decoder_pass": decoder_pass, "lone_click": lone_click,
+                                                     "lone_click_one_by_one": lone_click_one_by_one,
                                                      "correction": correction_pass, "propagation": propagation}
     times = {m: {"sam": [], "folded": []} for m in measures}
     agreement = {m: [] for m in measures}
@@ -123,7 +128,7 @@ def main(argv=None) -> int:
         r["agreement_dice"] = {"mean": round(float(np.mean(agreement[m])), 5), "min": round(float(np.min(agreement[m])), 5)}
     dec = rows["decoder_pass"]
     ratios = {f"{m} / decoder_pass": {w: round(rows[m][w]["p50"] / dec[w]["p50"], 2) for w in ("sam", "folded")}
-              for m in ("lone_click", "correction")}
+              for m in ("lone_click", "lone_click_one_by_one", "correction")}
     report = {"machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__},
               "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "served": serving.key, "rows": rows, "ratios": ratios}
     args.out.parent.mkdir(parents=True, exist_ok=True)
