@@ -59,14 +59,15 @@ class BatchedMaskDecoder(MaskDecoder):
         output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
         tokens = torch.cat((output_tokens.unsqueeze(0).expand(n_prompts, -1, -1), sparse_prompt_embeddings), dim=1)
 
-        if image_embeddings.shape[0] == n_prompts:
-            src = image_embeddings
-        else:  # SAM's case: one image, several prompts
-            src = torch.repeat_interleave(image_embeddings, n_prompts, dim=0)
-        src = src + dense_prompt_embeddings
-        shape = src.shape
-        keys = src.flatten(2).transpose(1, 2).contiguous()  # (B, h*w, C)
-        key_pe = image_pe.flatten(2).transpose(1, 2).contiguous().expand(n_prompts, -1, -1)
+        b, c, h, w = image_embeddings.shape
+        # image tokens (B, h*w, C): transposed once per image; SAM's case (one image, several
+        # prompts) broadcasts it in the add of the dense prompts
+        keys = tokens_of(image_embeddings)
+        if b != n_prompts:
+            keys = keys.expand(n_prompts, -1, -1) if b == 1 else torch.repeat_interleave(keys, n_prompts, dim=0)
+        keys = keys + dense_prompt_embeddings.flatten(2).transpose(1, 2)
+        shape = torch.Size((n_prompts, c, h, w))
+        key_pe = self._pe_tokens(image_pe).expand(n_prompts, -1, -1)
 
         transformer = self.transformer
         queries = tokens
@@ -75,6 +76,16 @@ class BatchedMaskDecoder(MaskDecoder):
         attn_out = transformer.final_attn_token_to_image(q=queries + tokens, k=keys + key_pe, v=keys)
         hs = transformer.norm_final_attn(queries + attn_out)
         return Attended(hs, keys, shape)
+
+    def _pe_tokens(self, image_pe: torch.Tensor) -> torch.Tensor:
+        """`image_pe` (1, C, h, w) as tokens (1, h*w, C), kept while the same tensor is passed
+        (PromptableSam.dense_pe makes it once)."""
+        key = (image_pe.data_ptr(), image_pe._version, image_pe.shape, image_pe.device)
+        cached = self.__dict__.get("_pe_cache")
+        if cached is None or cached[0] != key:
+            cached = (key, tokens_of(image_pe))
+            self.__dict__["_pe_cache"] = cached
+        return cached[1]
 
     def iou_of(self, state: "Attended") -> torch.Tensor:
         """(B, 1 + num_mask_tokens - 1) predicted IoU of every mask token."""
@@ -101,6 +112,11 @@ class BatchedMaskDecoder(MaskDecoder):
         # output pixel (4i + 2*a1 + a2, 4j + 2*b1 + b2)
         masks = masks.view(n, h, w, 2, 2, 2, 2, len(picked)).permute(0, 7, 1, 3, 5, 2, 4, 6)
         return masks.reshape(n, len(picked), 4 * h, 4 * w)
+
+
+def tokens_of(grid: torch.Tensor) -> torch.Tensor:
+    """(B, C, h, w) -> contiguous (B, h*w, C)."""
+    return grid.flatten(2).transpose(1, 2).contiguous()
 
 
 @dataclass
