@@ -3,9 +3,10 @@
 Validate everything first (request.py), take the prompted slice's embedding from the cache (or
 encode that slice), let the session say what it continues from (sessions.py: its last answer on
 that slice, prompted or propagated, is the correction's starting point), decode the slice with
-the one prompt recipe (prompts.py; negative clicks alone on a slice: rejection.py), schedule the
-rest of the volume for background encoding, propagate in volume mode (propagation.py), and
-record the answer in the session.
+the one prompt recipe (prompts.py; negative clicks alone on a slice: rejection.py; a correction
+that grew the answer carries to the neighbouring slices: carry.py), schedule the rest of the
+volume for background encoding, propagate in volume mode (propagation.py), and record the
+answer in the session.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import numpy as np
 
 from .allocator import keep_freed_memory
 from .cache import EmbeddingCache
+from .carry import CarryPolicy, carry_growth
 from .encoder import SliceEncoder
 from .errors import RequestError
 from .models import ModelHandle, ServingModel
@@ -80,8 +82,10 @@ class Runtime:
 
 class InteractiveSegmenter:
     def __init__(self, runtime: Runtime, handle: ModelHandle, policy: PromptPolicy = SERVED,
-                 propagation: PropagationPolicy = PropagationPolicy(), propagate: bool = True):
+                 propagation: PropagationPolicy = PropagationPolicy(), propagate: bool = True,
+                 carry: CarryPolicy = CarryPolicy()):
         self.runtime = runtime
+        self.carry = carry
         self.handle = handle
         self.policy = policy
         self.propagation = propagation
@@ -141,13 +145,18 @@ class InteractiveSegmenter:
                 preds.update(empty_answers(cut, pred.mask.shape, pred.low_res_logits.shape[-1]))
 
             t = time.perf_counter()
+            embed = lambda s, step: encoder.embedding(serving, vol, image_key, axis, s, window, ahead=step)[0]
+            if (req.mode == "slice" and continuing and kfg and mask is None and session.result is not None
+                    and session.result.shape == tuple(shape)):
+                bounds = roi[axis] if roi is not None else (0, shape[axis] - 1)
+                preds.update(carry_growth(serving, embed, geom, session.result, axis, k, pred, bounds, set(clicks), self.carry))
+
             if req.mode == "volume" and self.propagate_enabled:
                 if roi is not None:  # a 3D box names the slices it needs: encode them first, in batches
                     lo, hi = roi[axis]
                     encoder.prefetch(serving, vol, image_key, axis, sorted(range(lo, hi + 1), key=lambda s: abs(s - k)), window)
                     timings["encode"] += time.perf_counter() - t
                     t = time.perf_counter()
-                embed = lambda s, step: encoder.embedding(serving, vol, image_key, axis, s, window, ahead=step)[0]
                 preds.update(propagate(serving, embed, geom, shape[axis], k, pred, roi, axis, lambda r: plane_box(r, axis),
                                        clicks, mask, self.propagation))
             timings["propagate"] = time.perf_counter() - t
