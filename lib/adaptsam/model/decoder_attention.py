@@ -14,7 +14,7 @@ T tokens, the same numbers come from folding the projection into the token side 
 Each image-sized product then has H*T columns (8 heads) instead of 128. With more tokens than
 that pays for, the layer computes as SAM does. Parameters, names and results are SAM's
 (`segment_anything.modeling.transformer.Attention`); only the order of the sums differs, so
-outputs agree to float rounding (tests/test_decoder_speed.py).
+outputs agree to float rounding (tests/test_decoder_arithmetic.py).
 """
 
 from __future__ import annotations

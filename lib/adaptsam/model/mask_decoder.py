@@ -13,7 +13,7 @@ The arithmetic is SAM's, arranged for a CPU (a decoder pass is what every click 
   (`decoder_attention.py`);
 - the output upscaling's two 2x2-stride-2 transposed convolutions are one matrix product per
   input pixel each, channels last, and only the mask tokens asked for are made.
-Outputs agree with SAM's to float rounding (tests/test_decoder_speed.py).
+Outputs agree with SAM's to float rounding (tests/test_decoder_arithmetic.py).
 """
 
 from __future__ import annotations
@@ -83,7 +83,8 @@ class BatchedMaskDecoder(MaskDecoder):
         key = (image_pe.data_ptr(), image_pe._version, image_pe.shape, image_pe.device)
         cached = self.__dict__.get("_pe_cache")
         if cached is None or cached[0] != key:
-            cached = (key, tokens_of(image_pe))
+            with torch.inference_mode(False), torch.no_grad():  # also usable by training in this process
+                cached = (key, tokens_of(image_pe))
             self.__dict__["_pe_cache"] = cached
         return cached[1]
 
