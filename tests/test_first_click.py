@@ -81,6 +81,9 @@ def test_served_first_click_is_the_proposal_with_the_highest_predicted_iou_that_
     plane_truth = take_slice(truth[:, :, k : k + 1], 2, 0)
     print(f"liver, one click: plain {dice(plain.mask, plane_truth):.3f}, through boxes {dice(chosen.mask, plane_truth):.3f}")
     assert chosen.iou > plain.iou  # the liver's first answer is a blob: a box around it wins
+    # an empty first answer proposes no box: nothing to rank, either way
+    assert predictor.rank_boxes(emb, geom, [], foreground=[rc], batched=True) == []
+    assert predictor.rank_boxes(emb, geom, [], foreground=[rc], batched=False) == []
     # the box passes one by one instead of as one batched decoder call choose the same answer
     looped = answer_lone_click(predictor, emb, geom, rc, batched=False)
     assert abs(looped.iou - chosen.iou) < 1e-4 and dice(looped.mask, chosen.mask) > 0.999

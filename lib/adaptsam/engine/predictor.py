@@ -108,6 +108,8 @@ class SlicePredictor:
             return get
 
         ranked = []
+        if not len(boxes):  # no proposals (an empty first answer has no box to grow)
+            return ranked
         for group in ([list(boxes)] if batched else [[b] for b in boxes]):
             ious, logits_of = call(group)
             ranked += [(float(ious[i]), answer(logits_of, i, float(ious[i]))) for i in range(len(group))]
