@@ -17,7 +17,7 @@ Measured with the built-in evaluation on every set, both adapters: docs/experime
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, Tuple
 
 import numpy as np
 import torch
@@ -46,12 +46,11 @@ def grew(old: np.ndarray, new: np.ndarray, policy: CarryPolicy) -> bool:
 
 def carry_growth(serving: ServingModel, embed: Callable[[int, int], torch.Tensor], geom: SliceGeometry,
                  previous: np.ndarray, axis: int, start_slice: int, start: Prediction, bounds: Tuple[int, int],
-                 clicked: set, policy: CarryPolicy, previous_start: Optional[np.ndarray] = None) -> Dict[int, Prediction]:
+                 clicked: set, policy: CarryPolicy) -> Dict[int, Prediction]:
     """New answers for the slices around `start_slice` the grown correction carries to.
     `previous`: the session's label volume before this request; `bounds`: the slices allowed
     (inclusive); `clicked`: slices with clicks of their own."""
-    old_start = take_slice(previous, axis, start_slice) > 0 if previous_start is None else previous_start
-    if not policy.enabled or not grew(old_start, start.mask, policy):
+    if not policy.enabled or not grew(take_slice(previous, axis, start_slice) > 0, start.mask, policy):
         return {}
     predictor = SlicePredictor(serving.model, next(serving.model.parameters()).device)
     out: Dict[int, Prediction] = {}
