@@ -17,15 +17,15 @@ Measured with the built-in evaluation on every set, both adapters: docs/experime
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import numpy as np
 import torch
 
-from .metrics import bounding_box
 from .models import ServingModel
 from .predictor import Prediction, SlicePredictor
 from .preprocess import SliceGeometry, take_slice
+from .propagation import walk
 
 
 @dataclass(frozen=True)
@@ -53,18 +53,13 @@ def carry_growth(serving: ServingModel, embed: Callable[[int, int], torch.Tensor
     if not policy.enabled or not grew(take_slice(previous, axis, start_slice) > 0, start.mask, policy):
         return {}
     predictor = SlicePredictor(serving.model, next(serving.model.parameters()).device)
-    out: Dict[int, Prediction] = {}
-    for step in (1, -1):
-        prev, s = start, start_slice + step
-        while bounds[0] <= s <= bounds[1] and s not in clicked:
-            old = take_slice(previous, axis, s) > 0
-            box = bounding_box(prev.mask)
-            if box is None or not old.any():
-                break
-            pred = predictor.predict(embed(s, step), geom, box=box, mask_input=prev.low_res_logits,
-                                     adapted_decoder=start.adapted_decoder)
-            if pred.iou < policy.min_iou or not grew(old, pred.mask, policy):
-                break
-            out[s] = pred
-            prev, s = pred, s + step
-    return out
+
+    def step_to(s: int, step: int, prev: Prediction, box) -> Optional[Prediction]:
+        old = take_slice(previous, axis, s) > 0
+        if s in clicked or not old.any():
+            return None
+        pred = predictor.predict(embed(s, step), geom, box=box, mask_input=prev.low_res_logits,
+                                 adapted_decoder=start.adapted_decoder)
+        return pred if pred.iou >= policy.min_iou and grew(old, pred.mask, policy) else None
+
+    return walk(start_slice, start, bounds, step_to)
