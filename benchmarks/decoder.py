@@ -5,7 +5,8 @@ interleaved request by request so that machine drift hits both.
 
     .venv/bin/python benchmarks/decoder.py [--repeats 20] [--out benchmarks/results/decoder.json]
 
-On the liver of ct_dicom (512x512x20) with the served 2D adapter, every slice's embedding cached:
+On the liver of ct_dicom (512x512x20), its slice and clicks as in interactive.py, with the served
+2D adapter, every slice's embedding cached:
   decoder_pass  one decoder pass: a positive click on the liver's largest slice
   lone_click    the served lone first click (engine/first_click.py: the click, then boxes
                 as one batched decoder call); lone_click_one_by_one: the boxes one at a time
@@ -31,16 +32,14 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tools"))
 
 import samples  # noqa: E402
+from interactive import AXIS, IMAGE, ORGAN, load_case  # noqa: E402  (benchmarks/interactive.py)
 from adaptsam.engine.first_click import answer_lone_click  # noqa: E402
 from adaptsam.engine.interactive import InteractiveSegmenter, Runtime  # noqa: E402
-from adaptsam.engine.metrics import bounding_box, dice, largest_slice  # noqa: E402
+from adaptsam.engine.metrics import dice  # noqa: E402
 from adaptsam.engine.models import ModelHandle  # noqa: E402
 from adaptsam.engine.predictor import SlicePredictor  # noqa: E402
 from adaptsam.engine.request import SegmentRequest  # noqa: E402
-from adaptsam.evaluation.clicks import interior_point  # noqa: E402
 from adaptsam.model.mask_decoder import computing_as_sam  # noqa: E402
-
-IMAGE, ORGAN = "ct_dicom", "liver"
 
 
 def pct(values: List[float], q: float) -> float:
@@ -55,16 +54,9 @@ def main(argv=None) -> int:
 
     samples_dir = Path(os.environ.get("ADAPTSAM_SAMPLES") or samples.default_samples_dir())
     samples.fetch(samples_dir)
-    label, _, _ = samples.load_reference(samples_dir, IMAGE)
-    truth = label == samples.label_value(samples_dir, IMAGE, ORGAN)
-    k = largest_slice(truth)
-    plane = truth[:, :, k].T  # (rows, cols) of the axial plane
-    click = interior_point(plane)
-    inside = np.argwhere(plane)
-    correction = tuple(int(v) for v in inside[len(inside) // 5])
-    i0, j0, i1, j1 = bounding_box(truth.any(axis=2))
-    z = np.flatnonzero(truth.any(axis=(0, 1)))
-    roi = [int(i0), int(i1), int(j0), int(j1), int(z[0]), int(z[-1])]
+    case = load_case(samples_dir, n_clicks=2)  # the same liver, slice and clicks as interactive.py
+    k, roi = case.k, case.roi3d
+    click, correction = case.clicks
 
     runtime = Runtime(1 << 30)
     handle = ModelHandle("2d", "litemedsam", REPO / "model_weights", "cpu")
@@ -72,11 +64,11 @@ def main(argv=None) -> int:
     image_path = str(samples.image_path(samples_dir, IMAGE))
     vol, key = runtime.volumes.get(image_path, IMAGE)
     window = vol.window(ORGAN)
-    for s in range(vol.shape[2]):  # every slice cached: the decoder is what is measured
-        runtime.encoder.embedding(serving, vol, key, 2, s, window)
-    emb, cached = runtime.encoder.embedding(serving, vol, key, 2, k, window)
+    for s in range(vol.shape[AXIS]):  # every slice cached: the decoder is what is measured
+        runtime.encoder.embedding(serving, vol, key, AXIS, s, window)
+    emb, cached = runtime.encoder.embedding(serving, vol, key, AXIS, k, window)
     assert cached
-    geom = runtime.encoder.geometry(serving, vol, 2)
+    geom = runtime.encoder.geometry(serving, vol, AXIS)
     predictor = SlicePredictor(serving.model)
     segmenter = InteractiveSegmenter(runtime, handle)
 
