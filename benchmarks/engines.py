@@ -151,8 +151,7 @@ def main(argv=None) -> int:
     samples_dir = samples.default_samples_dir()
     samples.fetch(samples_dir)
     vol = Volume.load(samples.image_path(samples_dir, IMAGE))
-    label, _, _ = samples.load_reference(samples_dir, IMAGE)
-    truth = label == samples.label_value(samples_dir, IMAGE, ORGAN)
+    truth = samples.structure_mask(samples_dir, IMAGE, ORGAN)
     k = largest_slice(truth)
     click = [*interior_point(truth[:, :, k]), k]
     correction = [int(v) for v in np.argwhere(truth[:, :, k])[len(np.argwhere(truth[:, :, k])) // 5]] + [k]

@@ -198,8 +198,7 @@ def load_case(samples_dir: Path, n_clicks: int = 16) -> Case:
 
     path = samples.image_path(samples_dir, IMAGE)
     vol = Volume.load(path)
-    label, _, _ = samples.load_reference(samples_dir, IMAGE)
-    truth = label == samples.label_value(samples_dir, IMAGE, ORGAN)
+    truth = samples.structure_mask(samples_dir, IMAGE, ORGAN)
     k = largest_slice(truth, AXIS)
     plane = take_slice(truth, AXIS, k)
     box = bounding_box(plane)

@@ -67,8 +67,7 @@ def test_prefetch_encodes_what_is_missing_in_batches_equal_to_single_slices(samp
 
 
 def test_a_3d_box_on_a_cold_volume_encodes_its_slices_before_decoding(samples_dir):
-    label, _, _ = samples.load_reference(samples_dir, IMAGE)
-    truth = label == samples.label_value(samples_dir, IMAGE, "liver")
+    truth = samples.structure_mask(samples_dir, IMAGE, "liver")
     k = largest_slice(truth)
     r0, c0, r1, c1 = bounding_box(truth[:, :, k])
     roi = [r0, r1, c0, c1, k - 2, k + 2]

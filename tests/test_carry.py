@@ -42,8 +42,7 @@ def colon(samples_dir):
     rt = Runtime(1 << 30)
     handle = ModelHandle("2d", "litemedsam", WEIGHTS, "cpu")  # the shipped 2D adapter
     segmenters = {on: InteractiveSegmenter(rt, handle, carry=CarryPolicy(enabled=on)) for on in (True, False)}
-    label, _, _ = samples.load_reference(samples_dir, IMAGE)
-    truth = label == samples.label_value(samples_dir, IMAGE, "colon")
+    truth = samples.structure_mask(samples_dir, IMAGE, "colon")
     base = dict(image_path=str(samples.image_path(samples_dir, IMAGE)), image_id=IMAGE, label="colon")
     yield segmenters, base, truth
     rt.stop()

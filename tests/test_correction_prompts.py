@@ -42,8 +42,7 @@ def _session(runtime, samples_dir, carry, guide=False, carve=True):
     on that slice. (A session continues from clicks only: a box is always decoded afresh.)"""
     handle = ModelHandle("2d", "litemedsam", WEIGHTS, "cpu")  # the shipped 2D adapter
     seg = InteractiveSegmenter(runtime, handle, PromptPolicy(carry_logits=carry, guide_box=guide, carve_clicks=carve), propagate=False)
-    label, _, _ = samples.load_reference(samples_dir, IMAGE)
-    truth = label == samples.label_value(samples_dir, IMAGE, "liver")
+    truth = samples.structure_mask(samples_dir, IMAGE, "liver")
     k = largest_slice(truth)
     truth = truth[:, :, k]
     base = dict(image_path=str(samples.image_path(samples_dir, IMAGE)), image_id=IMAGE, label="liver", mode="slice")

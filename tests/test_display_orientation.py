@@ -92,8 +92,7 @@ def test_the_same_ct_stored_lps_or_ras_gets_the_same_answer(runtime, samples_dir
     assert nib.aff2axcodes(nib.load(str(ras)).affine)[:2] == ("R", "A")
     assert Volume.load(ras).display_flips(2) == (True, True)
 
-    label, _, _ = samples.load_reference(samples_dir, IMAGE)
-    truth = label == samples.label_value(samples_dir, IMAGE, "liver")
+    truth = samples.structure_mask(samples_dir, IMAGE, "liver")
     k = largest_slice(truth)
     i, j = interior_point(truth[:, :, k])
     handle = ModelHandle("2d", "litemedsam", WEIGHTS, "cpu")

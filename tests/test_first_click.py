@@ -52,8 +52,7 @@ def runtime():
 
 def test_served_first_click_is_the_proposal_with_the_highest_predicted_iou_that_holds_the_click(runtime, samples_dir):
     handle = ModelHandle("2d", "litemedsam", WEIGHTS, "cpu")  # the shipped 2D adapter
-    label, _, _ = samples.load_reference(samples_dir, IMAGE)
-    truth = label == samples.label_value(samples_dir, IMAGE, "liver")
+    truth = samples.structure_mask(samples_dir, IMAGE, "liver")
     k = largest_slice(truth)
     click = [*interior_point(truth[:, :, k]), k]
     base = dict(image_path=str(samples.image_path(samples_dir, IMAGE)), image_id=IMAGE, label="liver", mode="slice",

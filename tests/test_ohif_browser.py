@@ -84,8 +84,7 @@ def server(browser_tools, orthanc, tmp_path_factory):
 
 
 def liver(samples_dir) -> np.ndarray:
-    label, _, _ = samples.load_reference(samples_dir, "ct_dicom")
-    return label == samples.label_value(samples_dir, "ct_dicom", "liver")
+    return samples.structure_mask(samples_dir, "ct_dicom", "liver")
 
 
 def click_on(mask: np.ndarray):

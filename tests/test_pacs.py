@@ -60,8 +60,7 @@ def client(url, name="pacs-user"):
 
 
 def liver(samples_dir):
-    label, _, _ = samples.load_reference(samples_dir, "ct_dicom")
-    return label == samples.label_value(samples_dir, "ct_dicom", "liver")
+    return samples.structure_mask(samples_dir, "ct_dicom", "liver")
 
 
 def test_ct_and_mr_are_listed_and_a_new_series_appears_within_a_minute(server, samples_dir):

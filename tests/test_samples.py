@@ -29,8 +29,7 @@ def _image(samples_dir, image_id):
 
 def _mean_inside(samples_dir, image_id, name):
     image, _ = _image(samples_dir, image_id)
-    label, _, _ = samples.load_reference(samples_dir, image_id)
-    mask = label == samples.label_value(samples_dir, image_id, name)
+    mask = samples.structure_mask(samples_dir, image_id, name)
     assert mask.sum() > 100, f"{name} nearly empty in {image_id}"
     return float(image[mask].mean())
 

@@ -60,8 +60,7 @@ def infer_mask(url, params, name="trainer", image=IMAGE):
 
 
 def liver_box(samples_dir):
-    label, _, _ = samples.load_reference(samples_dir, IMAGE)
-    truth = label == samples.label_value(samples_dir, IMAGE, "liver")
+    truth = samples.structure_mask(samples_dir, IMAGE, "liver")
     k = largest_slice(truth)
     r0, c0, r1, c1 = bounding_box(truth[:, :, k])
     return {"roi": [r0, r1, c0, c1, k, k], "label": "liver", "mode": "slice"}

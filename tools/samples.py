@@ -206,6 +206,12 @@ def label_value(samples_dir, image_id: str, name: str) -> int:
     raise KeyError(f"{name!r} is not in the reference of {image_id!r}; present: {present}")
 
 
+
+def structure_mask(samples_dir, image_id: str, name: str) -> np.ndarray:
+    """The reference label of one structure of ``image_id`` as a boolean volume."""
+    label, _, _ = load_reference(samples_dir, image_id)
+    return label == label_value(samples_dir, image_id, name)
+
 # ------------------------------------------------------------------------ downloads
 
 
