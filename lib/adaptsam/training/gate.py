@@ -5,7 +5,12 @@ not worse than the base model at boxes.
 The measurement uses the run's validation images: the site's own saved labels, split by image,
 that the candidate never trained on. The candidate is measured twice, a box alone answered by
 the base model's decoder (as every version is served by default) and by its own: the better
-way is written into its file and served with it. With a single saved label there is nothing
+way is written into its file and served with it, but its own decoder only once it is measured
+on MIN_IMAGES_FOR_ADAPTED_BOXES validation images. Trained on one image and measured on one
+other, a site's adapted decoder has answered boxes far better than the base decoder there and
+far worse than the base model on the site's next images (docs/experiments.md); the base decoder
+does not train, so through it a box is answered from the adapted image embedding as the shipped
+adapters are served. With a single saved label there is nothing
 honest to measure on, and the candidate is kept, not published. A kept candidate lives in
 `<weights>/candidates/` with its report: it can be pinned for a look (`version=cN`) or
 published by hand (`POST /adaptsam/candidates/<model>/publish`), which is logged.
@@ -27,6 +32,7 @@ from ..model import adapter_io
 
 BOX_MARGIN = 0.01  # a candidate may answer boxes at most this much worse than the base model
 MIN_LABELS = 2  # saved labels before a candidate can be measured on one it did not train on
+MIN_IMAGES_FOR_ADAPTED_BOXES = 2  # validation images before boxes may go to the candidate's own decoder
 # the score needs the box session and clicks 1..5; longer click sessions only count clicks-to-Dice
 GATE_PROTOCOL = Protocol(max_clicks=5)
 
@@ -59,16 +65,22 @@ def judge(candidate: Dict, served: Optional[Dict], base: Dict, margin: float = B
                               f"box Dice {candidate['box']:.3f} (base {base['box']:.3f})", scores)
 
 
-def judge_both_ways(by_decoder: Dict[str, Dict], served: Optional[Dict], base: Dict, margin: float = BOX_MARGIN) -> GateDecision:
+def judge_both_ways(by_decoder: Dict[str, Dict], served: Optional[Dict], base: Dict, images: int = MIN_IMAGES_FOR_ADAPTED_BOXES,
+                    margin: float = BOX_MARGIN) -> GateDecision:
     """The candidate measured with a box alone answered by the base decoder and by its own
-    (`by_decoder`: "base"/"adapted" -> summary), judged each way. The way kept: a publishable one
-    first, then the higher score; on a tie the base decoder (the default)."""
+    (`by_decoder`: "base"/"adapted" -> summary) on `images` validation images, judged each way.
+    The way kept: a publishable one first, then the higher score; on a tie the base decoder (the
+    default). Its own decoder only with MIN_IMAGES_FOR_ADAPTED_BOXES images; both are recorded."""
     decisions = {d: judge(summary, served, base, margin) for d, summary in by_decoder.items()}
-    way = max(by_decoder, key=lambda d: (decisions[d].publish, by_decoder[d]["score"], d == "base"))
+    ways = [d for d in by_decoder if d == "base" or images >= MIN_IMAGES_FOR_ADAPTED_BOXES] or list(by_decoder)
+    way = max(ways, key=lambda d: (decisions[d].publish, by_decoder[d]["score"], d == "base"))
     decision = decisions[way]
     decision.box_decoder = way
     decision.by_box_decoder = {d: {"box": s["box"], "score": s["score"]} for d, s in by_decoder.items()}
     decision.reason += f"; boxes by the {way} decoder"
+    if len(ways) < len(by_decoder):
+        decision.reason += (f" (its own answers boxes only once measured on {MIN_IMAGES_FOR_ADAPTED_BOXES} validation images; "
+                            f"here {images}, box Dice {by_decoder['adapted']['box']:.3f})")
     return decision
 
 
@@ -127,7 +139,7 @@ class Gate:
             runtime.stop()
         self.log("gate: candidate measured in " + ", ".join(f"{e['seconds']} s" for e in report["models"].values()))
         by_decoder = {d: report["models"][name]["summary"] for d, name in zip(adapter_io.BOX_DECODERS, specs)}
-        decision = judge_both_ways(by_decoder, self.references.get("served"), self.references["base"])
+        decision = judge_both_ways(by_decoder, self.references.get("served"), self.references["base"], len(self.cases))
         decision.seconds = round(time.time() - t0, 1)
         return decision
 
