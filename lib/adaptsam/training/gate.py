@@ -10,8 +10,8 @@ on MIN_IMAGES_FOR_ADAPTED_BOXES validation images. Trained on one image and meas
 other, a site's adapted decoder has answered boxes far better than the base decoder there and
 far worse than the base model on the site's next images (docs/experiments.md); the base decoder
 does not train, so through it a box is answered from the adapted image embedding as the shipped
-adapters are served. With a single saved label there is nothing
-honest to measure on, and the candidate is kept, not published. A kept candidate lives in
+adapters are served. With a single saved label there is nothing honest to measure on, and the
+candidate is kept, not published. A kept candidate lives in
 `<weights>/candidates/` with its report: it can be pinned for a look (`version=cN`) or
 published by hand (`POST /adaptsam/candidates/<model>/publish`), which is logged.
 """
@@ -72,7 +72,7 @@ def judge_both_ways(by_decoder: Dict[str, Dict], served: Optional[Dict], base: D
     The way kept: a publishable one first, then the higher score; on a tie the base decoder (the
     default). Its own decoder only with MIN_IMAGES_FOR_ADAPTED_BOXES images; both are recorded."""
     decisions = {d: judge(summary, served, base, margin) for d, summary in by_decoder.items()}
-    ways = [d for d in by_decoder if d == "base" or images >= MIN_IMAGES_FOR_ADAPTED_BOXES] or list(by_decoder)
+    ways = list(by_decoder) if images >= MIN_IMAGES_FOR_ADAPTED_BOXES else ["base"]
     way = max(ways, key=lambda d: (decisions[d].publish, by_decoder[d]["score"], d == "base"))
     decision = decisions[way]
     decision.box_decoder = way
